@@ -1,0 +1,75 @@
+// Online-softmax bookkeeping shared by the CPU and CUDA kernels (compiled by g++ and nvcc).
+//
+// A query row is processed one block of keys at a time. The row keeps a running maximum m and a
+// running sum l of exp(s - m); when a later block raises the maximum, everything accumulated so
+// far is rescaled by exp(m_old - m_new). A row whose keys are all masked (every score -inf) never
+// gets a finite maximum: it must produce a zero output row, zero probabilities and zero
+// gradients, never exp(-inf - -inf) = NaN.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <limits>
+
+namespace torch_mha {
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t negative_infinity() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// max() that propagates NaN from either side, like torch.max, so NaN inputs reach the output as
+// they would through the reference softmax.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t nan_propagating_max(acc_t a, acc_t b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// The value subtracted before exponentiating. For a row with no finite score yet, subtracting 0
+// keeps exp(-inf) = 0 instead of producing NaN.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t softmax_exp_offset(acc_t running_max) {
+  return running_max == negative_infinity<acc_t>() ? acc_t(0) : running_max;
+}
+
+// Folds a new block maximum into the running maximum and returns the factor by which the running
+// sum and the output accumulator must be multiplied.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t online_softmax_update_max(acc_t& running_max, acc_t block_max) {
+  const acc_t new_max = nan_propagating_max(running_max, block_max);
+  // Nothing has been accumulated while the running maximum is -inf: the factor is irrelevant
+  // there, but it must not be exp(-inf - -inf).
+  const acc_t factor = running_max == negative_infinity<acc_t>()
+                           ? acc_t(0)
+                           : static_cast<acc_t>(std::exp(running_max - new_max));
+  running_max = new_max;
+  return factor;
+}
+
+// Final normalisation of a row: the output is accumulator * inverse_sum, and the row's
+// log-sum-exp is stored for the backward pass. A fully masked row gets inverse_sum = 0 (zero
+// output) and logsumexp = +inf, so the backward's recomputed probabilities exp(s - lse) are all 0
+// and its gradients vanish exactly.
+template <typename acc_t>
+struct SoftmaxRowResult {
+  acc_t inverse_sum;
+  acc_t logsumexp;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline SoftmaxRowResult<acc_t> online_softmax_finish(acc_t running_max,
+                                                                     acc_t running_sum) {
+  if (running_max == negative_infinity<acc_t>() || running_sum == acc_t(0)) {
+    return {acc_t(0), std::numeric_limits<acc_t>::infinity()};
+  }
+  return {acc_t(1) / running_sum, running_max + static_cast<acc_t>(std::log(running_sum))};
+}
+
+// Probability of a score given its row's log-sum-exp (backward recomputation, weights output).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t probability_from_logsumexp(acc_t score, acc_t logsumexp) {
+  return static_cast<acc_t>(std::exp(score - logsumexp));
+}
+
+}  // namespace torch_mha

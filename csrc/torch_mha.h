@@ -1,0 +1,79 @@
+// torch_mha public C++ API.
+//
+// Every function calls through the PyTorch dispatcher, so autograd, autocast and the backend
+// kernels (CPU, CUDA) apply exactly as they do for the same op called from Python or TorchScript.
+// Including this header also keeps libtorch_mha linked into a program that never names one of
+// its symbols otherwise (see the link anchor at the bottom), which a program that only loads a
+// TorchScript model using torch_mha ops needs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "macros.h"
+
+namespace torch_mha {
+
+// Fused scaled dot-product attention on per-head tensors.
+//   query (N, H, L, E), key (N, H, S, E), value (N, H, S, Ev)
+//   attn_mask: broadcastable to (N, H, L, S); bool (true = masked out) or floating (added)
+//   key_padding_mask: (N, S); bool (true = padding) or floating (added)
+//   is_causal: query i attends keys 0..i (top-left aligned)
+//   scale: defaults to 1/sqrt(E)
+//   dropout_p, dropout_seed: dropout on the probabilities; the seed is an int64 tensor
+// Returns (output (N, H, L, Ev), logsumexp (N, H, L), weights (N, H, L, S) or an empty tensor
+// when need_weights is false).
+TORCH_MHA_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask = std::nullopt,
+    const std::optional<at::Tensor>& key_padding_mask = std::nullopt, bool is_causal = false,
+    std::optional<double> scale = std::nullopt, double dropout_p = 0.0,
+    const std::optional<at::Tensor>& dropout_seed = std::nullopt, bool need_weights = false);
+
+// Gradient of attention_forward. Returns (grad_query, grad_key, grad_value, grad_mask), where
+// grad_mask is the (N, H, L, S) gradient of the additive masks when compute_mask_grad is true
+// and an empty tensor otherwise.
+TORCH_MHA_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    bool is_causal, std::optional<double> scale, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed, const std::optional<at::Tensor>& grad_weights,
+    const std::optional<at::Tensor>& weights, bool compute_mask_grad);
+
+// The whole torch.nn.MultiheadAttention layer (projections, heads, masks, attention, output
+// projection), with the semantics of torch.nn.functional.multi_head_attention_forward plus
+// batch_first. Returns (attn_output, attn_weights); attn_weights is an empty tensor when
+// need_weights is false.
+TORCH_MHA_API std::tuple<at::Tensor, at::Tensor> multi_head_attention(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t embed_dim,
+    int64_t num_heads, const std::optional<at::Tensor>& in_proj_weight,
+    const std::optional<at::Tensor>& in_proj_bias, const std::optional<at::Tensor>& bias_k,
+    const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p,
+    const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
+    bool training = true, const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
+    bool need_weights = true, const std::optional<at::Tensor>& attn_mask = std::nullopt,
+    const std::optional<at::Tensor>& q_proj_weight = std::nullopt,
+    const std::optional<at::Tensor>& k_proj_weight = std::nullopt,
+    const std::optional<at::Tensor>& v_proj_weight = std::nullopt,
+    const std::optional<at::Tensor>& static_k = std::nullopt,
+    const std::optional<at::Tensor>& static_v = std::nullopt, bool average_attn_weights = true,
+    bool is_causal = false, bool batch_first = false);
+
+// CUDA version the library was compiled with (e.g. 13000), or -1 for a CPU-only build.
+TORCH_MHA_API int64_t cuda_version();
+
+// "key=value" pairs separated by ';': torch version compiled against, CUDA, CPU vector ISA.
+TORCH_MHA_API std::string build_info();
+
+namespace detail {
+// Link anchor: any program including this header references a symbol of the library, so the
+// linker keeps it (and its op registrations) even with --as-needed.
+extern "C" TORCH_MHA_INLINE_VARIABLE auto _torch_mha_register_ops = &cuda_version;
+}  // namespace detail
+
+}  // namespace torch_mha

@@ -1,0 +1,291 @@
+"""Functional interface: thin, TorchScript-compatible wrappers around the torch_mha ops.
+
+multi_head_attention_forward mirrors torch.nn.functional.multi_head_attention_forward (plus a
+batch_first flag) and raises the same exception types for the same invalid inputs. The checks
+below run in Python so that the exception types match nn.MultiheadAttention (AssertionError where
+torch asserts); the C++ op checks everything again for C++ and TorchScript callers.
+"""
+
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention", "multi_head_attention_forward"]
+
+
+def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
+    if mask is not None:
+        if mask.dtype != torch.bool and not torch.is_floating_point(mask):
+            raise AssertionError(f"only bool and floating types of {name} are supported")
+
+
+def _shape_check(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Optional[Tensor],
+    attn_mask: Optional[Tensor],
+    num_heads: int,
+) -> bool:
+    """Validates ranks like torch.nn.functional._mha_shape_check; returns whether batched."""
+    if query.dim() == 3:
+        if key.dim() != 3 or value.dim() != 3:
+            raise AssertionError(
+                "For batched (3-D) `query`, expected `key` and `value` to be 3-D but found "
+                f"{key.dim()}-D and {value.dim()}-D tensors respectively"
+            )
+        if key_padding_mask is not None and key_padding_mask.dim() != 2:
+            raise AssertionError(
+                "For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D "
+                f"but found {key_padding_mask.dim()}-D tensor instead"
+            )
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise AssertionError(
+                "For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D but "
+                f"found {attn_mask.dim()}-D tensor instead"
+            )
+        return True
+    if query.dim() == 2:
+        if key.dim() != 2 or value.dim() != 2:
+            raise AssertionError(
+                "For unbatched (2-D) `query`, expected `key` and `value` to be 2-D but found "
+                f"{key.dim()}-D and {value.dim()}-D tensors respectively"
+            )
+        if key_padding_mask is not None and key_padding_mask.dim() != 1:
+            raise AssertionError(
+                "For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or 1-D "
+                f"but found {key_padding_mask.dim()}-D tensor instead"
+            )
+        if attn_mask is not None:
+            if attn_mask.dim() not in (2, 3):
+                raise AssertionError(
+                    "For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D "
+                    f"but found {attn_mask.dim()}-D tensor instead"
+                )
+            if attn_mask.dim() == 3:
+                expected = [num_heads, query.shape[0], key.shape[0]]
+                if list(attn_mask.shape) != expected:
+                    raise AssertionError(
+                        f"Expected `attn_mask` shape to be {expected} but got "
+                        f"{list(attn_mask.shape)}"
+                    )
+        return False
+    raise AssertionError(
+        f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query "
+        "tensor"
+    )
+
+
+def multi_head_attention_forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    embed_dim_to_check: int,
+    num_heads: int,
+    in_proj_weight: Optional[Tensor],
+    in_proj_bias: Optional[Tensor],
+    bias_k: Optional[Tensor],
+    bias_v: Optional[Tensor],
+    add_zero_attn: bool,
+    dropout_p: float,
+    out_proj_weight: Tensor,
+    out_proj_bias: Optional[Tensor],
+    training: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    need_weights: bool = True,
+    attn_mask: Optional[Tensor] = None,
+    use_separate_proj_weight: bool = False,
+    q_proj_weight: Optional[Tensor] = None,
+    k_proj_weight: Optional[Tensor] = None,
+    v_proj_weight: Optional[Tensor] = None,
+    static_k: Optional[Tensor] = None,
+    static_v: Optional[Tensor] = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+    batch_first: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Multi-head attention with the arguments of torch.nn.functional.multi_head_attention_forward.
+
+    Inputs are (L, N, E) / (S, N, E), or (N, L, E) / (N, S, E) with batch_first=True, or
+    unbatched (L, E) / (S, E). Returns (attn_output, attn_weights), attn_weights being None when
+    need_weights is False. A query row whose keys are all masked yields zeros (torch gives NaN on
+    its need_weights path).
+    """
+    if query.is_nested or key.is_nested or value.is_nested:
+        raise AssertionError("torch_mha.multi_head_attention_forward does not support NestedTensor")
+    is_batched = _shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
+    _check_mask_dtype(key_padding_mask, "key_padding_mask")
+    _check_mask_dtype(attn_mask, "attn_mask")
+    if (
+        key_padding_mask is not None
+        and attn_mask is not None
+        and key_padding_mask.dtype != attn_mask.dtype
+    ):
+        warnings.warn(
+            "Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type "
+            "for both instead."
+        )
+
+    embed_dim = query.shape[-1]
+    if embed_dim != embed_dim_to_check:
+        raise AssertionError(
+            f"was expecting embedding dimension of {embed_dim_to_check}, but got {embed_dim}"
+        )
+    head_dim = embed_dim // num_heads if num_heads > 0 else 0
+    if num_heads <= 0 or head_dim * num_heads != embed_dim:
+        raise AssertionError(f"embed_dim {embed_dim} not divisible by num_heads {num_heads}")
+    if use_separate_proj_weight:
+        if key.shape[:-1] != value.shape[:-1]:
+            raise AssertionError(
+                f"key's sequence and batch dims {key.shape[:-1]} do not match value's "
+                f"{value.shape[:-1]}"
+            )
+        if q_proj_weight is None or k_proj_weight is None or v_proj_weight is None:
+            raise AssertionError(
+                "use_separate_proj_weight is True but q_proj_weight, k_proj_weight or "
+                "v_proj_weight is None"
+            )
+        _check_weight_shape(q_proj_weight, [embed_dim, embed_dim], "query weight")
+        _check_weight_shape(k_proj_weight, [embed_dim, key.shape[-1]], "key weight")
+        _check_weight_shape(v_proj_weight, [embed_dim, value.shape[-1]], "value weight")
+        in_proj_weight = None
+    else:
+        if key.shape != value.shape:
+            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+        if in_proj_weight is None:
+            raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
+    if in_proj_bias is not None:
+        _check_weight_shape(in_proj_bias, [3 * embed_dim], "in_proj_bias")
+    if bias_k is not None and (static_k is not None or static_v is not None):
+        raise AssertionError("bias cannot be added to static key or value.")
+    if static_k is not None or static_v is not None:
+        batch = 1
+        if is_batched:
+            batch = query.shape[0] if batch_first else query.shape[1]
+        for static, name in ((static_k, "static_k"), (static_v, "static_v")):
+            if static is not None:
+                if static.dim() != 3 or static.shape[0] != batch * num_heads:
+                    raise AssertionError(
+                        f"expecting {name}.size(0) of {batch * num_heads}, but got "
+                        f"{static.shape[0] if static.dim() > 0 else 0}"
+                    )
+                if static.shape[2] != head_dim:
+                    raise AssertionError(
+                        f"expecting {name}.size(2) of {head_dim}, but got {static.shape[2]}"
+                    )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout probability has to be in [0, 1), but got {dropout_p}")
+    if key_padding_mask is not None:
+        _check_key_padding_mask_shape(
+            query, key, key_padding_mask, is_batched, batch_first, bias_k is not None,
+            add_zero_attn, static_k
+        )
+
+    attn_output, attn_weights = torch.ops.torch_mha.multi_head_attention(
+        query,
+        key,
+        value,
+        embed_dim_to_check,
+        num_heads,
+        in_proj_weight,
+        in_proj_bias,
+        bias_k,
+        bias_v,
+        add_zero_attn,
+        dropout_p,
+        out_proj_weight,
+        out_proj_bias,
+        training,
+        key_padding_mask,
+        need_weights,
+        attn_mask,
+        q_proj_weight,
+        k_proj_weight,
+        v_proj_weight,
+        static_k,
+        static_v,
+        average_attn_weights,
+        is_causal,
+        batch_first,
+    )
+    if need_weights:
+        return attn_output, attn_weights
+    return attn_output, None
+
+
+def _check_weight_shape(weight: Tensor, expected: List[int], name: str) -> None:
+    if list(weight.shape) != expected:
+        raise AssertionError(f"expecting {name} shape of {expected}, but got {list(weight.shape)}")
+
+
+def _check_key_padding_mask_shape(
+    query: Tensor,
+    key: Tensor,
+    key_padding_mask: Tensor,
+    is_batched: bool,
+    batch_first: bool,
+    has_bias_kv: bool,
+    add_zero_attn: bool,
+    static_k: Optional[Tensor],
+) -> None:
+    """key_padding_mask must be (N, S) (or (S,) unbatched), S counted before bias_kv/zero_attn."""
+    if is_batched:
+        batch = query.shape[0] if batch_first else query.shape[1]
+        src_len = key.shape[1] if batch_first else key.shape[0]
+        expected = [batch, src_len]
+    else:
+        src_len = key.shape[0]
+        expected = [src_len]
+    if static_k is not None:
+        expected[-1] = static_k.shape[1]
+    if list(key_padding_mask.shape) != expected:
+        raise AssertionError(
+            f"expected key_padding_mask of shape {expected}, but got "
+            f"{list(key_padding_mask.shape)}"
+        )
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Fused scaled dot-product attention on per-head tensors, with autograd.
+
+    query (N, H, L, E), key (N, H, S, E), value (N, H, S, Ev) -> output (N, H, L, Ev), and the
+    attention probabilities (N, H, L, S) when need_weights is True (else None).
+
+    Masks use nn.MultiheadAttention's polarity: a bool True means "do not attend" (the opposite
+    of F.scaled_dot_product_attention); a floating mask is added to the scaled scores. attn_mask
+    broadcasts to (N, H, L, S); key_padding_mask is (N, S). is_causal lets query i attend keys
+    0..i. dropout_p applies dropout to the probabilities with a seed drawn from PyTorch's default
+    generator (pass 0.0 in evaluation).
+    """
+    seed: Optional[Tensor] = None
+    if dropout_p > 0.0:
+        seed = torch.randint(
+            0, 9223372036854775807, (1,), dtype=torch.long, device=query.device
+        )
+    output, _, weights = torch.ops.torch_mha.attention_forward(
+        query,
+        key,
+        value,
+        attn_mask,
+        key_padding_mask,
+        is_causal,
+        scale,
+        dropout_p,
+        seed,
+        need_weights,
+    )
+    if need_weights:
+        return output, weights
+    return output, None
