@@ -17,18 +17,54 @@ Environment switches:
 import glob
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import (
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+    include_paths,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
 DEBUG = os.environ.get("DEBUG", "0") == "1"
+OPTIMIZE = ["-O0", "-g"] if DEBUG else ["-O3"]
+# torch's headers are included as system headers (an -isystem directory overrides the same -I
+# directory), so -Wall -Wextra report on our code only.
+CXX_FLAGS = (
+    OPTIMIZE
+    + ["-std=c++17", "-Wall", "-Wextra", "-DTORCH_MHA_BUILD_LIBRARY"]
+    + [f"-isystem{path}" for path in include_paths()]
+)
+
+# CPU kernels compiled once per vector ISA (see csrc/cpu/attention_kernel.h). The order matters:
+# objects are linked DEFAULT first, so any inline function that several builds instantiate
+# resolves to the DEFAULT (baseline ISA) copy.
+CPU_ISA_KERNELS = ["csrc/cpu/attention_kernel.cpp"]
+
+
+def cpu_isa_flags():
+    isas = {"DEFAULT": []}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        isas["AVX2"] = ["-mavx2", "-mfma", "-mf16c", "-mbmi2"]
+        # GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized (GCC bug 105593).
+        isas["AVX512"] = isas["AVX2"] + [
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-Wno-maybe-uninitialized",
+        ]
+    return isas
 
 
 def nvcc_version():
@@ -73,7 +109,8 @@ def sources(with_cuda):
     files = []
     for pattern in patterns:
         files += sorted(glob.glob(os.path.join(CSRC, pattern)))
-    return [os.path.relpath(f, ROOT) for f in files]
+    files = [os.path.relpath(f, ROOT) for f in files]
+    return [f for f in files if f not in CPU_ISA_KERNELS]
 
 
 def write_build_info(with_cuda):
@@ -94,14 +131,12 @@ def make_extension():
     print(f"torch_mha: CUDA kernels {'ON' if with_cuda else 'OFF'} ({reason})")
     write_build_info(with_cuda)
 
-    optimize = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx_flags = optimize + ["-std=c++17", "-Wall", "-Wextra", "-DTORCH_MHA_BUILD_LIBRARY"]
-    define_macros = []
-    extra_compile_args = {"cxx": cxx_flags}
+    define_macros = [(f"TORCH_MHA_CPU_{isa}", None) for isa in cpu_isa_flags() if isa != "DEFAULT"]
+    extra_compile_args = {"cxx": CXX_FLAGS}
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         define_macros.append(("WITH_CUDA", None))
-        extra_compile_args["nvcc"] = optimize + [
+        extra_compile_args["nvcc"] = OPTIMIZE + [
             "-std=c++17",
             "--expt-relaxed-constexpr",
             "-DTORCH_MHA_BUILD_LIBRARY",
@@ -120,6 +155,50 @@ def make_extension():
     )
 
 
+class BuildExtensionWithIsaKernels(BuildExtension):
+    """BuildExtension plus the per-ISA CPU kernel objects, which need per-file flags."""
+
+    def build_extensions(self):
+        for ext in self.extensions:
+            ext.extra_objects = self.compile_cpu_isa_kernels() + list(ext.extra_objects)
+        super().build_extensions()
+
+    def compile_cpu_isa_kernels(self):
+        cxx = os.environ.get("CXX", "c++")
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        includes = [f"-I{CSRC}"]
+        headers = glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True)
+        out_dir = os.path.join(os.path.abspath(self.build_temp), "cpu_isa")
+        os.makedirs(out_dir, exist_ok=True)
+        jobs = []
+        for source in CPU_ISA_KERNELS:
+            newest_input = max(os.path.getmtime(f) for f in headers + [os.path.join(ROOT, source)])
+            stem = os.path.splitext(os.path.basename(source))[0]
+            for isa, flags in cpu_isa_flags().items():
+                obj = os.path.join(out_dir, f"{stem}.{isa}.o")
+                command = (
+                    [cxx, "-fPIC", "-c", os.path.join(ROOT, source), "-o", obj]
+                    + CXX_FLAGS
+                    + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DCPU_CAPABILITY={isa}"]
+                    + ([f"-DCPU_CAPABILITY_{isa}"] if isa != "DEFAULT" else [])
+                    + flags
+                    + includes
+                )
+                stale = not os.path.exists(obj) or os.path.getmtime(obj) < newest_input
+                jobs.append((obj, command, stale))
+
+        def run(job):
+            obj, command, stale = job
+            if stale:
+                print(" ".join(command), flush=True)
+                subprocess.run(command, check=True)
+            return obj
+
+        workers = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(run, jobs))
+
+
 setup(
     name="torch_mha",
     version="0.1.0",
@@ -127,7 +206,7 @@ setup(
     packages=find_packages(exclude=("tests*", "benchmarks*")),
     package_data={"torch_mha": ["_build_info.json"]},
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionWithIsaKernels},
     python_requires=">=3.9",
     zip_safe=False,
 )

@@ -44,6 +44,7 @@ TORCH_LIBRARY(torch_mha, m) {
       "bool batch_first=False) -> (Tensor attn_output, Tensor attn_weights)",
       {at::Tag::pt2_compliant_tag});
   m.def("_cuda_version() -> int", &cuda_version);
+  m.def("_cpu_capability() -> str", &cpu_capability);
   m.def("_build_info() -> str", &build_info);
 }
 
@@ -105,7 +106,8 @@ int64_t cuda_version() {
 }
 
 std::string build_info() {
-  return std::string("torch=") + TORCH_VERSION + ";cuda=" + std::to_string(cuda_version());
+  return std::string("torch=") + TORCH_VERSION + ";cuda=" + std::to_string(cuda_version()) +
+         ";cpu=" + cpu_capability();
 }
 
 }  // namespace torch_mha

@@ -67,13 +67,18 @@ TORCH_MHA_API std::tuple<at::Tensor, at::Tensor> multi_head_attention(
 // CUDA version the library was compiled with (e.g. 13000), or -1 for a CPU-only build.
 TORCH_MHA_API int64_t cuda_version();
 
-// "key=value" pairs separated by ';': torch version compiled against, CUDA, CPU vector ISA.
+// The CPU vector ISA whose kernel build runs on this machine: "AVX512", "AVX2" or "DEFAULT".
+TORCH_MHA_API std::string cpu_capability();
+
+// "key=value" pairs separated by ';': torch version compiled against, CUDA version, CPU ISA.
 TORCH_MHA_API std::string build_info();
 
 namespace detail {
 // Link anchor: any program including this header references a symbol of the library, so the
 // linker keeps it (and its op registrations) even with --as-needed.
-extern "C" TORCH_MHA_INLINE_VARIABLE auto _torch_mha_register_ops = &cuda_version;
+extern "C" {
+TORCH_MHA_INLINE_VARIABLE auto _torch_mha_register_ops = &cuda_version;
+}
 }  // namespace detail
 
 }  // namespace torch_mha

@@ -9,38 +9,32 @@
 // and dQ goes to one float32 partial sum per chunk, reduced in a fixed order afterwards. The
 // number of chunks depends only on the problem size, never on the thread count, so results are
 // bitwise reproducible for any number of threads.
-#include <ATen/ATen.h>
+#ifndef CPU_CAPABILITY
+#error "attention_kernel.cpp is compiled once per ISA with -DCPU_CAPABILITY=<ISA> (see setup.py)"
+#endif
+
+#include "cpu/attention_kernel.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "attention_utils.h"
 #include "common/dropout.h"
 #include "common/masking.h"
 #include "common/softmax.h"
 #include "cpu/block_matmul.h"
 
-namespace torch_mha::cpu {
+namespace torch_mha::cpu::CPU_CAPABILITY {
 namespace {
 
-// Tile sizes. A query block of 32 rows against a key block of 128 keeps the score tile (16 KiB in
-// float32) and the packed K/V panels (32 KiB each at head_dim 64) in L1/L2.
-constexpr int64_t kBlockQ = 32;
-constexpr int64_t kBlockK = 128;
-
-// Backward work items aim for at least this many (batch, head, chunk) items so that small
-// batch x heads still keeps every core busy. A constant, not the thread count: see above.
-constexpr int64_t kBackwardTargetItems = 16;
-
-// A 4-D strided tensor viewed as rows of its last dimension (which must have unit stride).
+// Typed view of StridedRows.
 template <typename T>
 struct RowAccessor {
   T* data;
@@ -48,8 +42,11 @@ struct RowAccessor {
   int64_t stride_head;
   int64_t stride_row;
 
-  RowAccessor(const at::Tensor& t, T* ptr)
-      : data(ptr), stride_batch(t.stride(0)), stride_head(t.stride(1)), stride_row(t.stride(2)) {}
+  explicit RowAccessor(const StridedRows& rows)
+      : data(static_cast<T*>(rows.data)),
+        stride_batch(rows.stride_batch),
+        stride_head(rows.stride_head),
+        stride_row(rows.stride_row) {}
 
   T* row(int64_t batch, int64_t head, int64_t r) const {
     return data + batch * stride_batch + head * stride_head + r * stride_row;
@@ -221,27 +218,27 @@ void scale_row(acc_t* x, int64_t count, acc_t factor) {
 // Forward
 
 template <typename scalar_t>
-void attention_forward_kernel(const at::Tensor& query, const at::Tensor& key,
-                              const at::Tensor& value, const ScoreMasking& masking,
-                              double scale, const DropoutConfig& dropout, at::Tensor& output,
-                              at::Tensor& logsumexp, at::Tensor* weights) {
+void attention_forward_typed(const ForwardKernelArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kWidth = vector_width<acc_t>();
-  const int64_t batch = query.size(0), heads = query.size(1), query_len = query.size(2),
-                key_len = key.size(2), head_dim = query.size(3), value_dim = value.size(3);
+  const AttentionProblem& pb = args.problem;
+  const int64_t heads = pb.heads, query_len = pb.query_len, key_len = pb.key_len,
+                head_dim = pb.head_dim, value_dim = pb.value_dim;
   const int64_t head_dim_padded = round_up(head_dim, kWidth);
   const int64_t value_dim_padded = round_up(value_dim, kWidth);
   const int64_t block_k_padded = round_up(kBlockK, kWidth);
   const int64_t query_blocks = (query_len + kBlockQ - 1) / kBlockQ;
+  const ScoreMasking masking{pb.attn_mask, pb.key_padding_mask, pb.is_causal};
+  const DropoutConfig dropout(pb.dropout_p, pb.dropout_seed);
 
-  const RowAccessor<const scalar_t> q(query, query.const_data_ptr<scalar_t>());
-  const RowAccessor<const scalar_t> k(key, key.const_data_ptr<scalar_t>());
-  const RowAccessor<const scalar_t> v(value, value.const_data_ptr<scalar_t>());
-  const RowAccessor<scalar_t> out(output, output.mutable_data_ptr<scalar_t>());
-  acc_t* lse_data = logsumexp.mutable_data_ptr<acc_t>();
-  scalar_t* weights_data = weights ? weights->mutable_data_ptr<scalar_t>() : nullptr;
+  const RowAccessor<const scalar_t> q(args.query);
+  const RowAccessor<const scalar_t> k(args.key);
+  const RowAccessor<const scalar_t> v(args.value);
+  const RowAccessor<scalar_t> out(args.output);
+  acc_t* lse_data = static_cast<acc_t*>(args.logsumexp);
+  scalar_t* weights_data = static_cast<scalar_t*>(args.weights);
 
-  at::parallel_for(0, batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pb.batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_tile(kBlockQ * head_dim_padded);
     std::vector<acc_t> kt_panel(head_dim * block_k_padded);
     std::vector<acc_t> v_panel(kBlockK * value_dim_padded);
@@ -260,7 +257,7 @@ void attention_forward_kernel(const at::Tensor& query, const at::Tensor& key,
       const int64_t key_end =
           masking.is_causal ? causal_key_limit(q0 + rows - 1, key_len) : key_len;
 
-      pack_rows(q.row(b, h, q0), q.stride_row, rows, head_dim, static_cast<acc_t>(scale),
+      pack_rows(q.row(b, h, q0), q.stride_row, rows, head_dim, static_cast<acc_t>(pb.scale),
                 q_tile.data(), head_dim_padded);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(running_max, running_max + rows, negative_infinity<acc_t>());
@@ -356,18 +353,20 @@ void attention_forward_kernel(const at::Tensor& query, const at::Tensor& key,
 // delta[b, h, i] = sum_d dO[i, d] O[i, d] (+ sum_j dW[i, j] W[i, j] when the returned weights
 // were differentiated): the row term of the softmax gradient, dS = P * (dP - delta).
 template <typename scalar_t>
-at::Tensor compute_softmax_delta(const at::Tensor& grad_output, const at::Tensor& output,
-                                 const at::Tensor* grad_weights, const at::Tensor* weights) {
+void compute_softmax_delta(const BackwardKernelArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = output.size(0), heads = output.size(1), query_len = output.size(2),
-                value_dim = output.size(3);
-  at::Tensor delta = at::empty({batch, heads, query_len},
-                               output.options().dtype(accumulate_type(output.scalar_type())));
-  acc_t* delta_data = delta.mutable_data_ptr<acc_t>();
-  const RowAccessor<const scalar_t> dout(grad_output, grad_output.const_data_ptr<scalar_t>());
-  const RowAccessor<const scalar_t> out(output, output.const_data_ptr<scalar_t>());
+  const AttentionProblem& pb = args.problem;
+  const int64_t heads = pb.heads, query_len = pb.query_len, key_len = pb.key_len,
+                value_dim = pb.value_dim;
+  acc_t* delta_data = static_cast<acc_t*>(args.delta);
+  const RowAccessor<const scalar_t> dout(args.grad_output);
+  const RowAccessor<const scalar_t> out(args.output);
+  const auto* grad_weights = static_cast<const scalar_t*>(args.grad_weights.data);
+  const auto* weights = static_cast<const scalar_t*>(args.weights.data);
+  const int64_t* gw_strides = args.grad_weights.strides;
+  const int64_t* w_strides = args.weights.strides;
 
-  at::parallel_for(0, batch * heads * query_len, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pb.batch * heads * query_len, 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (heads * query_len);
       const int64_t h = (item / query_len) % heads;
@@ -379,70 +378,52 @@ at::Tensor compute_softmax_delta(const at::Tensor& grad_output, const at::Tensor
         sum += static_cast<acc_t>(d_row[d]) * static_cast<acc_t>(o_row[d]);
       }
       if (grad_weights != nullptr) {
-        const int64_t key_len = weights->size(3);
-        const scalar_t* gw = grad_weights->const_data_ptr<scalar_t>() +
-                             b * grad_weights->stride(0) + h * grad_weights->stride(1) +
-                             i * grad_weights->stride(2);
-        const scalar_t* w = weights->const_data_ptr<scalar_t>() + b * weights->stride(0) +
-                            h * weights->stride(1) + i * weights->stride(2);
+        const scalar_t* gw =
+            grad_weights + b * gw_strides[0] + h * gw_strides[1] + i * gw_strides[2];
+        const scalar_t* w = weights + b * w_strides[0] + h * w_strides[1] + i * w_strides[2];
         for (int64_t j = 0; j < key_len; ++j) {
-          sum += static_cast<acc_t>(gw[j * grad_weights->stride(3)]) *
-                 static_cast<acc_t>(w[j * weights->stride(3)]);
+          sum += static_cast<acc_t>(gw[j * gw_strides[3]]) * static_cast<acc_t>(w[j * w_strides[3]]);
         }
       }
       delta_data[item] = sum;
     }
   });
-  return delta;
-}
-
-int64_t backward_chunks(int64_t batch_heads, int64_t key_blocks) {
-  if (batch_heads == 0 || key_blocks == 0) {
-    return 1;
-  }
-  const int64_t wanted = (kBackwardTargetItems + batch_heads - 1) / batch_heads;
-  return std::max<int64_t>(1, std::min(wanted, key_blocks));
 }
 
 template <typename scalar_t>
-void attention_backward_kernel(const at::Tensor& grad_output, const at::Tensor& query,
-                               const at::Tensor& key, const at::Tensor& value,
-                               const at::Tensor& logsumexp, const at::Tensor& delta,
-                               const ScoreMasking& masking, double scale,
-                               const DropoutConfig& dropout, const at::Tensor* grad_weights,
-                               at::Tensor& grad_query, at::Tensor& grad_key,
-                               at::Tensor& grad_value, at::Tensor* grad_mask) {
+void attention_backward_typed(const BackwardKernelArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kWidth = vector_width<acc_t>();
-  const int64_t batch = query.size(0), heads = query.size(1), query_len = query.size(2),
-                key_len = key.size(2), head_dim = query.size(3), value_dim = value.size(3);
+  const AttentionProblem& pb = args.problem;
+  const int64_t heads = pb.heads, query_len = pb.query_len, key_len = pb.key_len,
+                head_dim = pb.head_dim, value_dim = pb.value_dim;
   const int64_t head_dim_padded = round_up(head_dim, kWidth);
   const int64_t value_dim_padded = round_up(value_dim, kWidth);
   const int64_t block_k_padded = round_up(kBlockK, kWidth);
   const int64_t query_blocks = (query_len + kBlockQ - 1) / kBlockQ;
   const int64_t key_blocks = (key_len + kBlockK - 1) / kBlockK;
-  const int64_t chunks = backward_chunks(batch * heads, key_blocks);
+  const int64_t chunks = args.dq_chunks;
+  const ScoreMasking masking{pb.attn_mask, pb.key_padding_mask, pb.is_causal};
+  const DropoutConfig dropout(pb.dropout_p, pb.dropout_seed);
 
-  const RowAccessor<const scalar_t> q(query, query.const_data_ptr<scalar_t>());
-  const RowAccessor<const scalar_t> k(key, key.const_data_ptr<scalar_t>());
-  const RowAccessor<const scalar_t> v(value, value.const_data_ptr<scalar_t>());
-  const RowAccessor<const scalar_t> dout(grad_output, grad_output.const_data_ptr<scalar_t>());
-  const RowAccessor<scalar_t> dk(grad_key, grad_key.mutable_data_ptr<scalar_t>());
-  const RowAccessor<scalar_t> dv(grad_value, grad_value.mutable_data_ptr<scalar_t>());
-  const acc_t* lse_data = logsumexp.const_data_ptr<acc_t>();
-  const acc_t* delta_data = delta.const_data_ptr<acc_t>();
-  acc_t* grad_mask_data = grad_mask ? grad_mask->mutable_data_ptr<acc_t>() : nullptr;
-  const scalar_t* grad_weights_data =
-      grad_weights ? grad_weights->const_data_ptr<scalar_t>() : nullptr;
+  compute_softmax_delta<scalar_t>(args);
 
-  // One float32 dQ partial per chunk: (chunks, batch, heads, query_len, head_dim_padded).
-  at::Tensor dq_partials =
-      at::zeros({chunks, batch, heads, query_len, head_dim_padded},
-                query.options().dtype(accumulate_type(query.scalar_type())));
-  acc_t* dq_partials_data = dq_partials.mutable_data_ptr<acc_t>();
-  const int64_t dq_head_stride = query_len * head_dim_padded;
+  const RowAccessor<const scalar_t> q(args.query);
+  const RowAccessor<const scalar_t> k(args.key);
+  const RowAccessor<const scalar_t> v(args.value);
+  const RowAccessor<const scalar_t> dout(args.grad_output);
+  const RowAccessor<scalar_t> dk(args.grad_key);
+  const RowAccessor<scalar_t> dv(args.grad_value);
+  const acc_t* lse_data = static_cast<const acc_t*>(args.logsumexp);
+  const acc_t* delta_data = static_cast<const acc_t*>(args.delta);
+  acc_t* grad_mask_data = static_cast<acc_t*>(args.grad_mask);
+  const auto* grad_weights_data = static_cast<const scalar_t*>(args.grad_weights.data);
+  const int64_t* gw_strides = args.grad_weights.strides;
+  acc_t* dq_partials_data = static_cast<acc_t*>(args.dq_partials);
+  const int64_t dq_row_stride = args.dq_row_stride;
+  const int64_t dq_head_stride = query_len * dq_row_stride;
 
-  at::parallel_for(0, batch * heads * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pb.batch * heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> kt_panel(head_dim * block_k_padded);
     std::vector<acc_t> k_rows(kBlockK * head_dim_padded);
     std::vector<acc_t> vt_panel(value_dim * block_k_padded);
@@ -461,7 +442,7 @@ void attention_backward_kernel(const at::Tensor& grad_output, const at::Tensor& 
       const int64_t chunk = item % chunks;
       const int64_t first_block = chunk * key_blocks / chunks;
       const int64_t last_block = (chunk + 1) * key_blocks / chunks;
-      acc_t* dq_head = dq_partials_data + ((chunk * batch + b) * heads + h) * dq_head_stride;
+      acc_t* dq_head = dq_partials_data + ((chunk * pb.batch + b) * heads + h) * dq_head_stride;
       const acc_t* lse_head = lse_data + (b * heads + h) * query_len;
       const acc_t* delta_head = delta_data + (b * heads + h) * query_len;
 
@@ -483,7 +464,7 @@ void attention_backward_kernel(const at::Tensor& grad_output, const at::Tensor& 
         for (int64_t qb = first_query_block; qb < query_blocks; ++qb) {
           const int64_t q0 = qb * kBlockQ;
           const int64_t rows = std::min(kBlockQ, query_len - q0);
-          pack_rows(q.row(b, h, q0), q.stride_row, rows, head_dim, static_cast<acc_t>(scale),
+          pack_rows(q.row(b, h, q0), q.stride_row, rows, head_dim, static_cast<acc_t>(pb.scale),
                     q_tile.data(), head_dim_padded);
           pack_rows(dout.row(b, h, q0), dout.stride_row, rows, value_dim, acc_t(1),
                     dout_tile.data(), value_dim_padded);
@@ -499,7 +480,6 @@ void attention_backward_kernel(const at::Tensor& grad_output, const at::Tensor& 
             for (int64_t c = 0; c < cols; ++c) {
               p[c] = probability_from_logsumexp(p[c], lse);
             }
-            std::fill(p + cols, p + cols_padded, acc_t(0));
             if (dropout.enabled) {
               acc_t* factors = dropout_factors.data() + r * block_k_padded;
               dropout.row_factors(dropout_row_id(b, h, q0 + r, heads, query_len), k0, cols,
@@ -525,11 +505,10 @@ void attention_backward_kernel(const at::Tensor& grad_output, const at::Tensor& 
             acc_t* ds = dscores.data() + r * block_k_padded;
             const acc_t* p = probs.data() + r * block_k_padded;
             if (grad_weights_data != nullptr) {
-              const scalar_t* gw = grad_weights_data + b * grad_weights->stride(0) +
-                                   h * grad_weights->stride(1) + i * grad_weights->stride(2) +
-                                   k0 * grad_weights->stride(3);
+              const scalar_t* gw = grad_weights_data + b * gw_strides[0] + h * gw_strides[1] +
+                                   i * gw_strides[2] + k0 * gw_strides[3];
               for (int64_t c = 0; c < cols; ++c) {
-                ds[c] += static_cast<acc_t>(gw[c * grad_weights->stride(3)]);
+                ds[c] += static_cast<acc_t>(gw[c * gw_strides[3]]);
               }
             }
             if (dropout.enabled) {
@@ -544,7 +523,6 @@ void attention_backward_kernel(const at::Tensor& grad_output, const at::Tensor& 
               // not finite.
               ds[c] = p[c] == acc_t(0) ? acc_t(0) : p[c] * (ds[c] - row_delta);
             }
-            std::fill(ds + cols, ds + cols_padded, acc_t(0));
             if (grad_mask_data != nullptr) {
               std::copy(ds, ds + cols,
                         grad_mask_data + ((b * heads + h) * query_len + i) * key_len + k0);
@@ -552,8 +530,8 @@ void attention_backward_kernel(const at::Tensor& grad_output, const at::Tensor& 
           }
           // dQ += dS K (scaled at the end), dK += dS^T (scale Q)
           block_matmul<acc_t>(rows, head_dim_padded, cols, dscores.data(), block_k_padded, 1,
-                              k_rows.data(), head_dim_padded, dq_head + q0 * head_dim_padded,
-                              head_dim_padded, /*accumulate=*/true);
+                              k_rows.data(), head_dim_padded, dq_head + q0 * dq_row_stride,
+                              dq_row_stride, /*accumulate=*/true);
           block_matmul<acc_t>(cols, head_dim_padded, rows, dscores.data(), 1, block_k_padded,
                               q_tile.data(), head_dim_padded, dk_acc.data(), head_dim_padded,
                               /*accumulate=*/true);
@@ -569,8 +547,9 @@ void attention_backward_kernel(const at::Tensor& grad_output, const at::Tensor& 
   });
 
   // dQ = scale * sum over chunks, always summed in chunk order.
-  const RowAccessor<scalar_t> dq(grad_query, grad_query.mutable_data_ptr<scalar_t>());
-  at::parallel_for(0, batch * heads * query_len, 64, [&](int64_t begin, int64_t end) {
+  const RowAccessor<scalar_t> dq(args.grad_query);
+  const acc_t scale = static_cast<acc_t>(pb.scale);
+  at::parallel_for(0, pb.batch * heads * query_len, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(head_dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (heads * query_len);
@@ -579,102 +558,29 @@ void attention_backward_kernel(const at::Tensor& grad_output, const at::Tensor& 
       std::fill(row.begin(), row.end(), acc_t(0));
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
         const acc_t* partial = dq_partials_data +
-                               ((chunk * batch + b) * heads + h) * dq_head_stride +
-                               i * head_dim_padded;
+                               ((chunk * pb.batch + b) * heads + h) * dq_head_stride +
+                               i * dq_row_stride;
         for (int64_t d = 0; d < head_dim; ++d) {
           row[d] += partial[d];
         }
       }
-      store_row(row.data(), head_dim, static_cast<acc_t>(scale), dq.row(b, h, i));
+      store_row(row.data(), head_dim, scale, dq.row(b, h, i));
     }
   });
 }
 
-// The kernels index rows with a unit-stride last dimension; anything else is copied once.
-at::Tensor with_unit_last_stride(const at::Tensor& t) {
-  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
-
-std::optional<at::Tensor> as_optional(const std::optional<at::Tensor>& t) {
-  return (t.has_value() && t->defined()) ? t : std::nullopt;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
-    const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
-    const std::optional<at::Tensor>& attn_mask_in,
-    const std::optional<at::Tensor>& key_padding_mask_in, bool is_causal,
-    std::optional<double> scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-    bool need_weights) {
-  const std::optional<at::Tensor> attn_mask = as_optional(attn_mask_in);
-  const std::optional<at::Tensor> key_padding_mask = as_optional(key_padding_mask_in);
-  const AttentionSizes sizes = check_attention_forward_args(
-      query_in, key_in, value_in, attn_mask, key_padding_mask, dropout_p, dropout_seed);
-  const at::Tensor query = with_unit_last_stride(query_in);
-  const at::Tensor key = with_unit_last_stride(key_in);
-  const at::Tensor value = with_unit_last_stride(value_in);
-  // Outputs follow the caller's layout (as the Meta kernel does), not that of a private copy.
-  AttentionForwardOutputs outputs =
-      allocate_forward_outputs(query_in, value_in, sizes, need_weights);
-
-  const ScoreMasking masking{make_mask_view(attn_mask, false),
-                             make_mask_view(key_padding_mask, true), is_causal};
-  const DropoutConfig dropout(dropout_p, read_dropout_seed(dropout_seed));
-  const double softmax_scale = resolve_scale(scale, query.size(3));
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, query.scalar_type(), "attention_forward_cpu", [&] {
-        attention_forward_kernel<scalar_t>(query, key, value, masking, softmax_scale, dropout,
-                                           outputs.output, outputs.logsumexp,
-                                           need_weights ? &outputs.weights : nullptr);
-      });
-  return {outputs.output, outputs.logsumexp, outputs.weights};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_output_in, const at::Tensor& query_in, const at::Tensor& key_in,
-    const at::Tensor& value_in, const at::Tensor& output_in, const at::Tensor& logsumexp_in,
-    const std::optional<at::Tensor>& attn_mask_in,
-    const std::optional<at::Tensor>& key_padding_mask_in, bool is_causal,
-    std::optional<double> scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-    const std::optional<at::Tensor>& grad_weights_in, const std::optional<at::Tensor>& weights_in,
-    bool compute_mask_grad) {
-  const std::optional<at::Tensor> attn_mask = as_optional(attn_mask_in);
-  const std::optional<at::Tensor> key_padding_mask = as_optional(key_padding_mask_in);
-  const std::optional<at::Tensor> grad_weights = as_optional(grad_weights_in);
-  const std::optional<at::Tensor> weights = as_optional(weights_in);
-  const AttentionSizes sizes = check_attention_backward_args(
-      grad_output_in, query_in, key_in, value_in, output_in, logsumexp_in, attn_mask,
-      key_padding_mask, dropout_p, dropout_seed, grad_weights, weights);
-  const at::Tensor query = with_unit_last_stride(query_in);
-  const at::Tensor key = with_unit_last_stride(key_in);
-  const at::Tensor value = with_unit_last_stride(value_in);
-  const at::Tensor grad_output = with_unit_last_stride(grad_output_in);
-  const at::Tensor output = with_unit_last_stride(output_in);
-  const at::Tensor logsumexp = logsumexp_in.contiguous();
-
-  AttentionBackwardOutputs outputs =
-      allocate_backward_outputs(query_in, key_in, value_in, sizes, compute_mask_grad);
-  const ScoreMasking masking{make_mask_view(attn_mask, false),
-                             make_mask_view(key_padding_mask, true), is_causal};
-  const DropoutConfig dropout(dropout_p, read_dropout_seed(dropout_seed));
-  const double softmax_scale = resolve_scale(scale, query.size(3));
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, query.scalar_type(), "attention_backward_cpu", [&] {
-        const at::Tensor delta = compute_softmax_delta<scalar_t>(
-            grad_output, output, grad_weights ? &*grad_weights : nullptr,
-            weights ? &*weights : nullptr);
-        attention_backward_kernel<scalar_t>(
-            grad_output, query, key, value, logsumexp, delta, masking, softmax_scale, dropout,
-            grad_weights ? &*grad_weights : nullptr, outputs.grad_query, outputs.grad_key,
-            outputs.grad_value, compute_mask_grad ? &outputs.grad_mask : nullptr);
-      });
-  return {outputs.grad_query, outputs.grad_key, outputs.grad_value, outputs.grad_mask};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torch_mha, CPU, m) {
-  m.impl("attention_forward", &attention_forward_cpu);
-  m.impl("attention_backward", &attention_backward_cpu);
+void attention_forward_kernel(const ForwardKernelArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.problem.dtype,
+                                  "attention_forward_cpu",
+                                  [&] { attention_forward_typed<scalar_t>(args); });
 }
 
-}  // namespace torch_mha::cpu
+void attention_backward_kernel(const BackwardKernelArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.problem.dtype,
+                                  "attention_backward_cpu",
+                                  [&] { attention_backward_typed<scalar_t>(args); });
+}
+
+}  // namespace torch_mha::cpu::CPU_CAPABILITY

@@ -6,12 +6,19 @@
 // strides; a transposed operand (P^T, dS^T) is just A with its strides swapped.
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "block_matmul.h belongs to the per-ISA kernel build (see cpu/attention_kernel.h)"
+#endif
+
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdint>
 
-namespace torch_mha::cpu {
+// Everything here depends on the vector width, so it lives in the ISA's own namespace: every
+// build of the kernel gets distinct symbols (the same device at::vec uses). Without it the linker
+// would keep one ISA's copy of these inline functions for all builds.
+namespace torch_mha::cpu::CPU_CAPABILITY {
 
 template <typename T>
 constexpr int64_t vector_width() {
@@ -103,4 +110,4 @@ void block_matmul(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_row_str
   }
 }
 
-}  // namespace torch_mha::cpu
+}  // namespace torch_mha::cpu::CPU_CAPABILITY
