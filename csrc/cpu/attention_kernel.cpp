@@ -1,14 +1,20 @@
-// Fused (flash-style) attention on the CPU: forward and backward.
+// Fused (flash-style) attention on the CPU: forward and backward, one build per vector ISA.
 //
-// Forward, per (batch, head, block of queries): for each block of keys, S = (scale Q) K^T plus
-// masks, online softmax (running max and sum), O += P V. Nothing of size L x S exists unless the
-// caller asks for the attention weights; the row log-sum-exp is saved instead.
+// The kernels work on transposed score tiles: S^T = K Q^T, keys down the rows and a block of
+// queries along the vectorised dimension. That choice removes every horizontal reduction from
+// the online softmax (row maxima and sums become element-wise vector operations over queries),
+// and it lets the products read K, V, Q and dO straight from the caller's tensors: only Q^T and
+// dO^T of a query block are packed. Products are block_matmul register tiles (block_matmul.h).
 //
-// Backward recomputes P = exp(S - lse) tile by tile. Work items are (batch, head, chunk of key
-// blocks): dK and dV of a key block stay in registers/L1 for the whole sweep over query blocks,
-// and dQ goes to one float32 partial sum per chunk, reduced in a fixed order afterwards. The
-// number of chunks depends only on the problem size, never on the thread count, so results are
-// bitwise reproducible for any number of threads.
+// Forward, per (batch, head, block of queries): for each block of keys, S^T = K (scale Q)^T plus
+// masks, online softmax per query (running max m and sum l), O += P V. Memory is O(L): the L x S
+// probabilities are only written when the caller asks for the attention weights.
+//
+// Backward, per (batch, head, chunk of key blocks): recompute P^T = exp(S^T - lse) tile by tile;
+// dV and dK of a key block accumulate in float32 scratch across all query blocks, dQ goes to one
+// float32 partial sum per chunk, reduced in a fixed order afterwards. The number of chunks
+// depends only on the problem size, never on the thread count, so gradients are bitwise
+// reproducible for any number of threads.
 #ifndef CPU_CAPABILITY
 #error "attention_kernel.cpp is compiled once per ISA with -DCPU_CAPABILITY=<ISA> (see setup.py)"
 #endif
@@ -24,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/dropout.h"
@@ -53,8 +60,16 @@ struct RowAccessor {
   }
 };
 
-// dst[r, c] = multiplier * src[r, c] for r < rows, c < cols; columns [cols, ld) are zeroed so
-// the padded tile can be used as the B operand of block_matmul.
+// Per-thread scratch that grows on demand and is reused across work items.
+template <typename T>
+T* scratch(std::vector<T>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) {
+    buffer.resize(size);
+  }
+  return buffer.data();
+}
+
+// dst[r, c] = multiplier * src[r, c] for r < rows, c < cols; columns [cols, ld) are zeroed.
 template <typename scalar_t, typename acc_t>
 void pack_rows(const scalar_t* src, int64_t src_row_stride, int64_t rows, int64_t cols,
                acc_t multiplier, acc_t* dst, int64_t ld) {
@@ -68,20 +83,43 @@ void pack_rows(const scalar_t* src, int64_t src_row_stride, int64_t rows, int64_
   }
 }
 
-// dst[c, r] = src[r, c]: a block of keys (or values) stored transposed, so a product with it
-// runs along keys. Columns [rows, padded_rows) are zeroed.
+// dst[c, r] = multiplier * src[r, c] for r < rows, c < cols; columns [rows, padded_rows) of
+// dst are zeroed. Used for Q^T and dO^T of a query block.
 template <typename scalar_t, typename acc_t>
 void pack_transposed(const scalar_t* src, int64_t src_row_stride, int64_t rows, int64_t cols,
-                     acc_t* dst, int64_t ld, int64_t padded_rows) {
+                     acc_t multiplier, acc_t* dst, int64_t ld, int64_t padded_rows) {
   for (int64_t c = 0; c < cols; ++c) {
     std::fill(dst + c * ld + rows, dst + c * ld + padded_rows, acc_t(0));
   }
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* in = src + r * src_row_stride;
     for (int64_t c = 0; c < cols; ++c) {
-      dst[c * ld + r] = static_cast<acc_t>(in[c]);
+      dst[c * ld + r] = multiplier * static_cast<acc_t>(in[c]);
     }
   }
+}
+
+// Rows of an input as the B operand of block_matmul: the input itself when it already is a
+// float tensor of whole vectors, else a packed float copy in `buffer`.
+template <typename acc_t>
+struct RowsOperand {
+  const acc_t* data;
+  int64_t ld;
+};
+
+template <typename scalar_t, typename acc_t>
+RowsOperand<acc_t> rows_operand(const scalar_t* src, int64_t src_row_stride, int64_t rows,
+                                int64_t cols, std::vector<acc_t>& buffer) {
+  constexpr int64_t kWidth = vector_width<acc_t>();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (cols % kWidth == 0) {
+      return {src, src_row_stride};
+    }
+  }
+  const int64_t ld = round_up(cols, kWidth);
+  acc_t* packed = scratch(buffer, rows * ld);
+  pack_rows(src, src_row_stride, rows, cols, acc_t(1), packed, ld);
+  return {packed, ld};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -91,127 +129,139 @@ void store_row(const acc_t* src, int64_t count, acc_t multiplier, scalar_t* dst)
   }
 }
 
-template <typename acc_t, typename mask_t>
-void add_mask_to_row(acc_t* scores, int64_t count, const mask_t* mask, int64_t stride) {
-  if (stride == 1) {
-    for (int64_t c = 0; c < count; ++c) {
-      scores[c] += mask_bias<acc_t>(mask[c]);
-    }
+template <typename acc_t>
+at::vec::Vectorized<acc_t> exp_vec(const at::vec::Vectorized<acc_t>& x) {
+  // float: PyTorch's fast exp (about 20 ulp, exact 0 for -inf), as its own flash kernel uses.
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return x.exp_u20();
   } else {
-    for (int64_t c = 0; c < count; ++c) {
-      scores[c] += mask_bias<acc_t>(mask[c * stride]);
+    return x.exp();
+  }
+}
+
+// ---- Masks on a transposed tile: st[j * ld + i] is (key k0 + j, query q0 + i).
+
+template <typename acc_t, typename mask_t>
+void add_mask_transposed(const mask_t* mask, int64_t stride_query, int64_t stride_key,
+                         int64_t rows, int64_t cols, acc_t* st, int64_t ld) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if (stride_query == 0) {
+    // The same value for every query (key padding masks, (N, 1, 1, S) biases): one broadcast
+    // add per key, skipped where the mask adds nothing.
+    for (int64_t j = 0; j < cols; ++j) {
+      const acc_t bias = mask_bias<acc_t>(mask[j * stride_key]);
+      if (bias != acc_t(0)) {
+        at::vec::map([bias](Vec x) { return x + Vec(bias); }, st + j * ld, st + j * ld, rows);
+      }
+    }
+    return;
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    acc_t* s = st + j * ld;
+    const mask_t* m = mask + j * stride_key;
+    for (int64_t i = 0; i < rows; ++i) {
+      s[i] += mask_bias<acc_t>(m[i * stride_query]);
     }
   }
 }
 
-// scores[c] += mask(batch, head, query, first_key + c) for c < count.
 template <typename acc_t>
-void apply_mask(const MaskView& mask, int64_t batch, int64_t head, int64_t query,
-                int64_t first_key, acc_t* scores, int64_t count) {
-  const int64_t offset = mask.row_offset(batch, head, query) + first_key * mask.stride_key;
+void apply_mask(const MaskView& mask, int64_t batch, int64_t head, int64_t q0, int64_t rows,
+                int64_t k0, int64_t cols, acc_t* st, int64_t ld) {
+  const int64_t offset = mask.row_offset(batch, head, q0) + k0 * mask.stride_key;
+  const int64_t sq = mask.stride_query, sk = mask.stride_key;
   switch (mask.kind) {
     case MaskKind::kBool:
-      add_mask_to_row(scores, count, static_cast<const bool*>(mask.data) + offset,
-                      mask.stride_key);
+      add_mask_transposed(static_cast<const bool*>(mask.data) + offset, sq, sk, rows, cols, st,
+                          ld);
       break;
     case MaskKind::kFloat:
-      add_mask_to_row(scores, count, static_cast<const float*>(mask.data) + offset,
-                      mask.stride_key);
+      add_mask_transposed(static_cast<const float*>(mask.data) + offset, sq, sk, rows, cols, st,
+                          ld);
       break;
     case MaskKind::kDouble:
-      add_mask_to_row(scores, count, static_cast<const double*>(mask.data) + offset,
-                      mask.stride_key);
+      add_mask_transposed(static_cast<const double*>(mask.data) + offset, sq, sk, rows, cols, st,
+                          ld);
       break;
     case MaskKind::kBFloat16:
-      add_mask_to_row(scores, count, static_cast<const c10::BFloat16*>(mask.data) + offset,
-                      mask.stride_key);
+      add_mask_transposed(static_cast<const c10::BFloat16*>(mask.data) + offset, sq, sk, rows,
+                          cols, st, ld);
       break;
     case MaskKind::kHalf:
-      add_mask_to_row(scores, count, static_cast<const c10::Half*>(mask.data) + offset,
-                      mask.stride_key);
+      add_mask_transposed(static_cast<const c10::Half*>(mask.data) + offset, sq, sk, rows, cols,
+                          st, ld);
       break;
     case MaskKind::kNone:
       break;
   }
 }
 
-// Everything that turns one row of raw scores into masked scores, identical in the forward, the
-// weights pass and the backward recomputation.
+// Everything that turns raw scores into masked scores, identical in the forward, the weights
+// sweep and the backward recomputation.
 struct ScoreMasking {
   MaskView attn_mask;
   MaskView key_padding_mask;
   bool is_causal;
 
   template <typename acc_t>
-  void apply(int64_t batch, int64_t head, int64_t query, int64_t first_key, acc_t* scores,
-             int64_t count) const {
-    apply_mask(attn_mask, batch, head, query, first_key, scores, count);
-    apply_mask(key_padding_mask, batch, head, query, first_key, scores, count);
+  void apply(int64_t batch, int64_t head, int64_t q0, int64_t rows, int64_t k0, int64_t cols,
+             acc_t* st, int64_t ld) const {
+    apply_mask(attn_mask, batch, head, q0, rows, k0, cols, st, ld);
+    apply_mask(key_padding_mask, batch, head, q0, rows, k0, cols, st, ld);
     if (is_causal) {
-      for (int64_t c = std::max<int64_t>(0, query + 1 - first_key); c < count; ++c) {
-        scores[c] = negative_infinity<acc_t>();
+      // Key k0 + j is hidden from queries q0 + i < k0 + j: a prefix of each key row.
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t hidden = std::min(rows, k0 + j - q0);
+        if (hidden > 0) {
+          std::fill(st + j * ld, st + j * ld + hidden, negative_infinity<acc_t>());
+        }
       }
     }
   }
 };
 
 struct DropoutConfig {
-  bool enabled = false;
-  uint64_t seed = 0;
-  uint32_t threshold = 0;
-  double keep_scale = 1.0;  // 1 / (1 - p)
+  bool enabled;
+  uint64_t seed;
+  uint32_t threshold;
+  double keep_scale;  // 1 / (1 - p)
+  int64_t heads;
+  int64_t query_len;
 
-  DropoutConfig(double p, uint64_t seed_value) {
-    enabled = p > 0.0;
-    seed = seed_value;
-    threshold = dropout_threshold(p);
-    keep_scale = enabled ? 1.0 / (1.0 - p) : 1.0;
-  }
+  explicit DropoutConfig(const AttentionProblem& pb)
+      : enabled(pb.dropout_p > 0.0),
+        seed(pb.dropout_seed),
+        threshold(dropout_threshold(pb.dropout_p)),
+        keep_scale(pb.dropout_p > 0.0 ? 1.0 / (1.0 - pb.dropout_p) : 1.0),
+        heads(pb.heads),
+        query_len(pb.query_len) {}
 
-  // factors[c] = keep ? 1/(1-p) : 0 for the `count` columns starting at first_key.
+  // factors[j * ld + i] = (keep ? 1/(1-p) : 0) for queries q0 + i (i < rows) and keys k0 + j
+  // (j < cols): the transposed tile of the mask the shared generator defines row by row.
   template <typename acc_t>
-  void row_factors(uint64_t row_id, int64_t first_key, int64_t count, acc_t* factors) const {
-    DropoutRowGenerator generator(seed, row_id, first_key, threshold);
+  void tile_factors(int64_t batch, int64_t head, int64_t q0, int64_t rows, int64_t k0,
+                    int64_t cols, acc_t* factors, int64_t ld) const {
     const acc_t kept = static_cast<acc_t>(keep_scale);
-    for (int64_t c = 0; c < count; ++c) {
-      factors[c] = generator.next_keep() ? kept : acc_t(0);
+    for (int64_t i = 0; i < rows; ++i) {
+      DropoutRowGenerator generator(
+          seed, dropout_row_id(batch, head, q0 + i, heads, query_len), k0, threshold);
+      for (int64_t j = 0; j < cols; ++j) {
+        factors[j * ld + i] = generator.next_keep() ? kept : acc_t(0);
+      }
     }
   }
 };
 
+// out[j * ld + i] = a[j * ld + i] * b[j * ld + i] over a (cols x width-padded rows) tile.
 template <typename acc_t>
-acc_t row_max(const acc_t* x, int64_t count) {
-  acc_t result = negative_infinity<acc_t>();
-  for (int64_t c = 0; c < count; ++c) {
-    result = nan_propagating_max(result, x[c]);
-  }
-  return result;
-}
-
-// x[c] = exp(x[c] - offset); returns the sum.
-template <typename acc_t>
-acc_t exp_and_sum(acc_t* x, int64_t count, acc_t offset) {
+void multiply_tiles(const acc_t* a, const acc_t* b, acc_t* out, int64_t cols, int64_t padded_rows,
+                    int64_t ld) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec offset_vec(offset);
-  Vec sum_vec(acc_t(0));
-  int64_t c = 0;
-  for (; c + Vec::size() <= count; c += Vec::size()) {
-    const Vec e = (Vec::loadu(x + c) - offset_vec).exp();
-    e.store(x + c);
-    sum_vec = sum_vec + e;
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t i = 0; i < padded_rows; i += Vec::size()) {
+      (Vec::loadu(a + j * ld + i) * Vec::loadu(b + j * ld + i)).store(out + j * ld + i);
+    }
   }
-  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum_vec);
-  for (; c < count; ++c) {
-    x[c] = static_cast<acc_t>(std::exp(x[c] - offset));
-    sum += x[c];
-  }
-  return sum;
-}
-
-template <typename acc_t>
-void scale_row(acc_t* x, int64_t count, acc_t factor) {
-  at::vec::map([factor](at::vec::Vectorized<acc_t> v) { return v * at::vec::Vectorized<acc_t>(factor); },
-               x, x, count);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -220,16 +270,16 @@ void scale_row(acc_t* x, int64_t count, acc_t factor) {
 template <typename scalar_t>
 void attention_forward_typed(const ForwardKernelArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kWidth = vector_width<acc_t>();
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kWidth = Vec::size();
+  constexpr int64_t ld = kBlockQ;  // leading dimension of every transposed tile
   const AttentionProblem& pb = args.problem;
   const int64_t heads = pb.heads, query_len = pb.query_len, key_len = pb.key_len,
                 head_dim = pb.head_dim, value_dim = pb.value_dim;
-  const int64_t head_dim_padded = round_up(head_dim, kWidth);
   const int64_t value_dim_padded = round_up(value_dim, kWidth);
-  const int64_t block_k_padded = round_up(kBlockK, kWidth);
   const int64_t query_blocks = (query_len + kBlockQ - 1) / kBlockQ;
   const ScoreMasking masking{pb.attn_mask, pb.key_padding_mask, pb.is_causal};
-  const DropoutConfig dropout(pb.dropout_p, pb.dropout_seed);
+  const DropoutConfig dropout(pb);
 
   const RowAccessor<const scalar_t> q(args.query);
   const RowAccessor<const scalar_t> k(args.key);
@@ -239,108 +289,119 @@ void attention_forward_typed(const ForwardKernelArgs& args) {
   scalar_t* weights_data = static_cast<scalar_t*>(args.weights);
 
   at::parallel_for(0, pb.batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_tile(kBlockQ * head_dim_padded);
-    std::vector<acc_t> kt_panel(head_dim * block_k_padded);
-    std::vector<acc_t> v_panel(kBlockK * value_dim_padded);
-    std::vector<acc_t> scores(kBlockQ * block_k_padded);
+    std::vector<acc_t> qt(head_dim * ld);         // (scale Q)^T of the query block
+    std::vector<acc_t> st(kBlockK * ld);          // S^T, then P^T
+    std::vector<acc_t> factors(dropout.enabled ? kBlockK * ld : 0);
     std::vector<acc_t> acc(kBlockQ * value_dim_padded);
-    std::vector<acc_t> dropout_factors(kBlockK);
-    acc_t running_max[kBlockQ];
-    acc_t running_sum[kBlockQ];
+    std::vector<acc_t> v_buffer;
+    // Per query: running max and sum, the block's max, exp offset, rescale factor, column sum.
+    std::vector<acc_t> m(ld), l(ld), block_max(ld), offset(ld), rescale(ld), block_sum(ld);
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (heads * query_blocks);
       const int64_t h = (item / query_blocks) % heads;
       const int64_t q0 = (item % query_blocks) * kBlockQ;
       const int64_t rows = std::min(kBlockQ, query_len - q0);
-      // Under the causal rule the last row of this block sees keys [0, q0 + rows).
+      const int64_t padded_rows = round_up(rows, kWidth);
+      // Under the causal rule the last query of this block sees keys [0, q0 + rows).
       const int64_t key_end =
           masking.is_causal ? causal_key_limit(q0 + rows - 1, key_len) : key_len;
 
-      pack_rows(q.row(b, h, q0), q.stride_row, rows, head_dim, static_cast<acc_t>(pb.scale),
-                q_tile.data(), head_dim_padded);
+      pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim,
+                      static_cast<acc_t>(pb.scale), qt.data(), ld, padded_rows);
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(running_max, running_max + rows, negative_infinity<acc_t>());
-      std::fill(running_sum, running_sum + rows, acc_t(0));
+      std::fill(m.begin(), m.end(), negative_infinity<acc_t>());
+      std::fill(l.begin(), l.end(), acc_t(0));
 
       for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, key_end - k0);
-        const int64_t cols_padded = round_up(cols, kWidth);
-        pack_transposed(k.row(b, h, k0), k.stride_row, cols, head_dim, kt_panel.data(),
-                        block_k_padded, cols_padded);
-        pack_rows(v.row(b, h, k0), v.stride_row, cols, value_dim, acc_t(1), v_panel.data(),
-                  value_dim_padded);
-        block_matmul<acc_t>(rows, cols_padded, head_dim, q_tile.data(), head_dim_padded, 1,
-                            kt_panel.data(), block_k_padded, scores.data(), block_k_padded,
-                            /*accumulate=*/false);
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* s = scores.data() + r * block_k_padded;
-          masking.apply(b, h, q0 + r, k0, s, cols);
-          const acc_t factor = online_softmax_update_max(running_max[r], row_max(s, cols));
-          const acc_t block_sum = exp_and_sum(s, cols, softmax_exp_offset(running_max[r]));
-          running_sum[r] = running_sum[r] * factor + block_sum;
-          if (factor != acc_t(1)) {
-            scale_row(acc.data() + r * value_dim_padded, value_dim_padded, factor);
+        block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0), k.stride_row,
+                                      1, qt.data(), ld, st.data(), ld, /*accumulate=*/false);
+        masking.apply(b, h, q0, rows, k0, cols, st.data(), ld);
+
+        // Online softmax, every step element-wise over the block's queries.
+        for (int64_t i = 0; i < padded_rows; i += kWidth) {
+          Vec mx(negative_infinity<acc_t>());
+          for (int64_t j = 0; j < cols; ++j) {
+            mx = at::vec::maximum(mx, Vec::loadu(st.data() + j * ld + i));
           }
-          if (dropout.enabled) {
-            // The row sum above uses the undropped probabilities; only P V sees the mask.
-            dropout.row_factors(dropout_row_id(b, h, q0 + r, heads, query_len), k0, cols,
-                                dropout_factors.data());
-            for (int64_t c = 0; c < cols; ++c) {
-              s[c] *= dropout_factors[c];
-            }
+          mx.store(block_max.data() + i);
+        }
+        for (int64_t i = 0; i < padded_rows; ++i) {
+          rescale[i] = online_softmax_update_max(m[i], block_max[i]);
+          offset[i] = softmax_exp_offset(m[i]);
+        }
+        for (int64_t i = 0; i < padded_rows; i += kWidth) {
+          const Vec off = Vec::loadu(offset.data() + i);
+          Vec sum(acc_t(0));
+          for (int64_t j = 0; j < cols; ++j) {
+            const Vec p = exp_vec(Vec::loadu(st.data() + j * ld + i) - off);
+            p.store(st.data() + j * ld + i);
+            sum = sum + p;
+          }
+          sum.store(block_sum.data() + i);
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          l[i] = l[i] * rescale[i] + block_sum[i];
+          if (rescale[i] != acc_t(1)) {
+            acc_t* row = acc.data() + i * value_dim_padded;
+            const acc_t f = rescale[i];
+            at::vec::map([f](Vec x) { return x * Vec(f); }, row, row, value_dim_padded);
           }
         }
-        block_matmul<acc_t>(rows, value_dim_padded, cols, scores.data(), block_k_padded, 1,
-                            v_panel.data(), value_dim_padded, acc.data(), value_dim_padded,
-                            /*accumulate=*/true);
+        if (dropout.enabled) {
+          // The running sum above uses the undropped probabilities; only P V sees the mask.
+          dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
+          multiply_tiles(st.data(), factors.data(), st.data(), cols, padded_rows, ld);
+        }
+        const RowsOperand<acc_t> values =
+            rows_operand(v.row(b, h, k0), v.stride_row, cols, value_dim, v_buffer);
+        block_matmul<acc_t, acc_t>(rows, value_dim_padded, cols, st.data(), 1, ld, values.data,
+                                   values.ld, acc.data(), value_dim_padded,
+                                   /*accumulate=*/true);
       }
 
       acc_t* lse_rows = lse_data + (b * heads + h) * query_len + q0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const SoftmaxRowResult<acc_t> result =
-            online_softmax_finish(running_max[r], running_sum[r]);
-        lse_rows[r] = result.logsumexp;
-        store_row(acc.data() + r * value_dim_padded, value_dim, result.inverse_sum,
-                  out.row(b, h, q0 + r));
+      for (int64_t i = 0; i < padded_rows; ++i) {
+        const SoftmaxRowResult<acc_t> result = online_softmax_finish(m[i], l[i]);
+        // Reused below as the per-query offset of the weights sweep; padding queries give 0.
+        offset[i] = i < rows ? result.logsumexp : std::numeric_limits<acc_t>::infinity();
+        if (i < rows) {
+          lse_rows[i] = result.logsumexp;
+          store_row(acc.data() + i * value_dim_padded, value_dim, result.inverse_sum,
+                    out.row(b, h, q0 + i));
+        }
       }
 
       if (weights_data == nullptr) {
         continue;
       }
-      // Weights were requested: recompute each score tile and write exp(s - lse), after dropout,
-      // in a second sweep now that the row statistics are final.
+      // Weights were requested: with the row statistics final, recompute each score tile and
+      // write exp(s - lse), after dropout.
       for (int64_t k0 = 0; k0 < key_len; k0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, key_len - k0);
-        const int64_t cols_padded = round_up(cols, kWidth);
         const bool visible = k0 < key_end;
         if (visible) {
-          pack_transposed(k.row(b, h, k0), k.stride_row, cols, head_dim, kt_panel.data(),
-                          block_k_padded, cols_padded);
-          block_matmul<acc_t>(rows, cols_padded, head_dim, q_tile.data(), head_dim_padded, 1,
-                              kt_panel.data(), block_k_padded, scores.data(), block_k_padded,
-                              /*accumulate=*/false);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = q0 + r;
-          scalar_t* w = weights_data + ((b * heads + h) * query_len + i) * key_len + k0;
-          if (!visible) {
-            std::fill(w, w + cols, scalar_t(0));
-            continue;
-          }
-          acc_t* s = scores.data() + r * block_k_padded;
-          masking.apply(b, h, i, k0, s, cols);
-          for (int64_t c = 0; c < cols; ++c) {
-            s[c] = probability_from_logsumexp(s[c], lse_rows[r]);
-          }
-          if (dropout.enabled) {
-            dropout.row_factors(dropout_row_id(b, h, i, heads, query_len), k0, cols,
-                                dropout_factors.data());
-            for (int64_t c = 0; c < cols; ++c) {
-              s[c] *= dropout_factors[c];
+          block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0),
+                                        k.stride_row, 1, qt.data(), ld, st.data(), ld,
+                                        /*accumulate=*/false);
+          masking.apply(b, h, q0, rows, k0, cols, st.data(), ld);
+          for (int64_t i = 0; i < padded_rows; i += kWidth) {
+            const Vec lse = Vec::loadu(offset.data() + i);
+            for (int64_t j = 0; j < cols; ++j) {
+              exp_vec(Vec::loadu(st.data() + j * ld + i) - lse).store(st.data() + j * ld + i);
             }
           }
-          store_row(s, cols, acc_t(1), w);
+          if (dropout.enabled) {
+            dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
+            multiply_tiles(st.data(), factors.data(), st.data(), cols, padded_rows, ld);
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          scalar_t* w = weights_data + ((b * heads + h) * query_len + q0 + i) * key_len + k0;
+          for (int64_t j = 0; j < cols; ++j) {
+            w[j] = visible ? static_cast<scalar_t>(st[j * ld + i]) : scalar_t(0);
+          }
         }
       }
     }
@@ -351,7 +412,7 @@ void attention_forward_typed(const ForwardKernelArgs& args) {
 // Backward
 
 // delta[b, h, i] = sum_d dO[i, d] O[i, d] (+ sum_j dW[i, j] W[i, j] when the returned weights
-// were differentiated): the row term of the softmax gradient, dS = P * (dP - delta).
+// were differentiated): the per-query term of the softmax gradient, dS = P (dP - delta).
 template <typename scalar_t>
 void compute_softmax_delta(const BackwardKernelArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -382,7 +443,8 @@ void compute_softmax_delta(const BackwardKernelArgs& args) {
             grad_weights + b * gw_strides[0] + h * gw_strides[1] + i * gw_strides[2];
         const scalar_t* w = weights + b * w_strides[0] + h * w_strides[1] + i * w_strides[2];
         for (int64_t j = 0; j < key_len; ++j) {
-          sum += static_cast<acc_t>(gw[j * gw_strides[3]]) * static_cast<acc_t>(w[j * w_strides[3]]);
+          sum += static_cast<acc_t>(gw[j * gw_strides[3]]) *
+                 static_cast<acc_t>(w[j * w_strides[3]]);
         }
       }
       delta_data[item] = sum;
@@ -390,157 +452,192 @@ void compute_softmax_delta(const BackwardKernelArgs& args) {
   });
 }
 
+// What the backward needs of every query block of one head, packed once per (batch, head) and
+// reused by every key block: (scale Q)^T, dO^T, and lse and delta padded with values that make
+// padding queries contribute nothing.
+template <typename scalar_t, typename acc_t>
+struct HeadPanels {
+  int64_t batch = -1;
+  int64_t head = -1;
+  std::vector<acc_t> qt, dot, lse, delta;
+  std::vector<acc_t> q_rows, dout_rows;  // packed rows, only when the input can't be used
+  RowsOperand<acc_t> q_operand{nullptr, 0};
+  RowsOperand<acc_t> dout_operand{nullptr, 0};
+
+  void prepare(const BackwardKernelArgs& args, int64_t b, int64_t h) {
+    if (b == batch && h == head) {
+      return;
+    }
+    batch = b;
+    head = h;
+    const AttentionProblem& pb = args.problem;
+    const int64_t query_blocks = (pb.query_len + kBlockQ - 1) / kBlockQ;
+    const RowAccessor<const scalar_t> q(args.query);
+    const RowAccessor<const scalar_t> dout(args.grad_output);
+    const acc_t* lse_head = static_cast<const acc_t*>(args.logsumexp) +
+                            (b * pb.heads + h) * pb.query_len;
+    const acc_t* delta_head = static_cast<const acc_t*>(args.delta) +
+                              (b * pb.heads + h) * pb.query_len;
+    scratch(qt, query_blocks * pb.head_dim * kBlockQ);
+    scratch(dot, query_blocks * pb.value_dim * kBlockQ);
+    scratch(lse, query_blocks * kBlockQ);
+    scratch(delta, query_blocks * kBlockQ);
+    for (int64_t qb = 0; qb < query_blocks; ++qb) {
+      const int64_t q0 = qb * kBlockQ;
+      const int64_t rows = std::min(kBlockQ, pb.query_len - q0);
+      pack_transposed(q.row(b, h, q0), q.stride_row, rows, pb.head_dim,
+                      static_cast<acc_t>(pb.scale), qt.data() + qb * pb.head_dim * kBlockQ,
+                      kBlockQ, kBlockQ);
+      pack_transposed(dout.row(b, h, q0), dout.stride_row, rows, pb.value_dim, acc_t(1),
+                      dot.data() + qb * pb.value_dim * kBlockQ, kBlockQ, kBlockQ);
+      for (int64_t i = 0; i < kBlockQ; ++i) {
+        // lse = +inf makes exp(s - lse) = 0 for padding queries.
+        lse[q0 + i] = i < rows ? lse_head[q0 + i] : std::numeric_limits<acc_t>::infinity();
+        delta[q0 + i] = i < rows ? delta_head[q0 + i] : acc_t(0);
+      }
+    }
+    q_operand = rows_operand(q.row(b, h, 0), q.stride_row, pb.query_len, pb.head_dim, q_rows);
+    dout_operand =
+        rows_operand(dout.row(b, h, 0), dout.stride_row, pb.query_len, pb.value_dim, dout_rows);
+  }
+};
+
 template <typename scalar_t>
 void attention_backward_typed(const BackwardKernelArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kWidth = vector_width<acc_t>();
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kWidth = Vec::size();
+  constexpr int64_t ld = kBlockQ;
   const AttentionProblem& pb = args.problem;
   const int64_t heads = pb.heads, query_len = pb.query_len, key_len = pb.key_len,
                 head_dim = pb.head_dim, value_dim = pb.value_dim;
   const int64_t head_dim_padded = round_up(head_dim, kWidth);
   const int64_t value_dim_padded = round_up(value_dim, kWidth);
-  const int64_t block_k_padded = round_up(kBlockK, kWidth);
   const int64_t query_blocks = (query_len + kBlockQ - 1) / kBlockQ;
   const int64_t key_blocks = (key_len + kBlockK - 1) / kBlockK;
   const int64_t chunks = args.dq_chunks;
   const ScoreMasking masking{pb.attn_mask, pb.key_padding_mask, pb.is_causal};
-  const DropoutConfig dropout(pb.dropout_p, pb.dropout_seed);
+  const DropoutConfig dropout(pb);
 
   compute_softmax_delta<scalar_t>(args);
 
-  const RowAccessor<const scalar_t> q(args.query);
   const RowAccessor<const scalar_t> k(args.key);
   const RowAccessor<const scalar_t> v(args.value);
-  const RowAccessor<const scalar_t> dout(args.grad_output);
   const RowAccessor<scalar_t> dk(args.grad_key);
   const RowAccessor<scalar_t> dv(args.grad_value);
-  const acc_t* lse_data = static_cast<const acc_t*>(args.logsumexp);
-  const acc_t* delta_data = static_cast<const acc_t*>(args.delta);
   acc_t* grad_mask_data = static_cast<acc_t*>(args.grad_mask);
   const auto* grad_weights_data = static_cast<const scalar_t*>(args.grad_weights.data);
   const int64_t* gw_strides = args.grad_weights.strides;
   acc_t* dq_partials_data = static_cast<acc_t*>(args.dq_partials);
   const int64_t dq_row_stride = args.dq_row_stride;
   const int64_t dq_head_stride = query_len * dq_row_stride;
+  const acc_t scale = static_cast<acc_t>(pb.scale);
 
   at::parallel_for(0, pb.batch * heads * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> kt_panel(head_dim * block_k_padded);
-    std::vector<acc_t> k_rows(kBlockK * head_dim_padded);
-    std::vector<acc_t> vt_panel(value_dim * block_k_padded);
-    std::vector<acc_t> q_tile(kBlockQ * head_dim_padded);
-    std::vector<acc_t> dout_tile(kBlockQ * value_dim_padded);
-    std::vector<acc_t> probs(kBlockQ * block_k_padded);
-    std::vector<acc_t> dropped_probs(dropout.enabled ? kBlockQ * block_k_padded : 0);
-    std::vector<acc_t> dropout_factors(dropout.enabled ? kBlockQ * block_k_padded : 0);
-    std::vector<acc_t> dscores(kBlockQ * block_k_padded);
+    HeadPanels<scalar_t, acc_t> panels;
+    std::vector<acc_t> pt(kBlockK * ld);   // P^T
+    std::vector<acc_t> dst(kBlockK * ld);  // dP^T, then dS^T
+    std::vector<acc_t> factors(dropout.enabled ? kBlockK * ld : 0);
+    std::vector<acc_t> dropped(dropout.enabled ? kBlockK * ld : 0);
     std::vector<acc_t> dk_acc(kBlockK * head_dim_padded);
     std::vector<acc_t> dv_acc(kBlockK * value_dim_padded);
+    std::vector<acc_t> k_buffer;
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (heads * chunks);
       const int64_t h = (item / chunks) % heads;
       const int64_t chunk = item % chunks;
-      const int64_t first_block = chunk * key_blocks / chunks;
-      const int64_t last_block = (chunk + 1) * key_blocks / chunks;
+      panels.prepare(args, b, h);
       acc_t* dq_head = dq_partials_data + ((chunk * pb.batch + b) * heads + h) * dq_head_stride;
-      const acc_t* lse_head = lse_data + (b * heads + h) * query_len;
-      const acc_t* delta_head = delta_data + (b * heads + h) * query_len;
 
-      for (int64_t kb = first_block; kb < last_block; ++kb) {
+      for (int64_t kb = chunk * key_blocks / chunks; kb < (chunk + 1) * key_blocks / chunks;
+           ++kb) {
         const int64_t k0 = kb * kBlockK;
         const int64_t cols = std::min(kBlockK, key_len - k0);
-        const int64_t cols_padded = round_up(cols, kWidth);
-        pack_transposed(k.row(b, h, k0), k.stride_row, cols, head_dim, kt_panel.data(),
-                        block_k_padded, cols_padded);
-        pack_rows(k.row(b, h, k0), k.stride_row, cols, head_dim, acc_t(1), k_rows.data(),
-                  head_dim_padded);
-        pack_transposed(v.row(b, h, k0), v.stride_row, cols, value_dim, vt_panel.data(),
-                        block_k_padded, cols_padded);
+        const RowsOperand<acc_t> keys =
+            rows_operand(k.row(b, h, k0), k.stride_row, cols, head_dim, k_buffer);
         std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
 
-        // Causal: rows before k0 see none of these keys.
-        const int64_t first_query_block = masking.is_causal ? k0 / kBlockQ : 0;
-        for (int64_t qb = first_query_block; qb < query_blocks; ++qb) {
+        // Causal: queries before k0 see none of these keys.
+        for (int64_t qb = masking.is_causal ? k0 / kBlockQ : 0; qb < query_blocks; ++qb) {
           const int64_t q0 = qb * kBlockQ;
           const int64_t rows = std::min(kBlockQ, query_len - q0);
-          pack_rows(q.row(b, h, q0), q.stride_row, rows, head_dim, static_cast<acc_t>(pb.scale),
-                    q_tile.data(), head_dim_padded);
-          pack_rows(dout.row(b, h, q0), dout.stride_row, rows, value_dim, acc_t(1),
-                    dout_tile.data(), value_dim_padded);
+          const int64_t padded_rows = round_up(rows, kWidth);
+          const acc_t* qt = panels.qt.data() + qb * head_dim * ld;
+          const acc_t* dot = panels.dot.data() + qb * value_dim * ld;
 
-          // P = exp(S - lse), recomputed.
-          block_matmul<acc_t>(rows, cols_padded, head_dim, q_tile.data(), head_dim_padded, 1,
-                              kt_panel.data(), block_k_padded, probs.data(), block_k_padded,
-                              /*accumulate=*/false);
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* p = probs.data() + r * block_k_padded;
-            masking.apply(b, h, q0 + r, k0, p, cols);
-            const acc_t lse = lse_head[q0 + r];
-            for (int64_t c = 0; c < cols; ++c) {
-              p[c] = probability_from_logsumexp(p[c], lse);
-            }
-            if (dropout.enabled) {
-              acc_t* factors = dropout_factors.data() + r * block_k_padded;
-              dropout.row_factors(dropout_row_id(b, h, q0 + r, heads, query_len), k0, cols,
-                                  factors);
-              acc_t* dropped = dropped_probs.data() + r * block_k_padded;
-              for (int64_t c = 0; c < cols; ++c) {
-                dropped[c] = p[c] * factors[c];
-              }
+          // P^T = exp(S^T - lse)
+          block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0),
+                                        k.stride_row, 1, qt, ld, pt.data(), ld,
+                                        /*accumulate=*/false);
+          masking.apply(b, h, q0, rows, k0, cols, pt.data(), ld);
+          for (int64_t i = 0; i < padded_rows; i += kWidth) {
+            const Vec lse = Vec::loadu(panels.lse.data() + q0 + i);
+            for (int64_t j = 0; j < cols; ++j) {
+              exp_vec(Vec::loadu(pt.data() + j * ld + i) - lse).store(pt.data() + j * ld + i);
             }
           }
-          const acc_t* used_probs = dropout.enabled ? dropped_probs.data() : probs.data();
+          const acc_t* used_pt = pt.data();
+          if (dropout.enabled) {
+            dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
+            multiply_tiles(pt.data(), factors.data(), dropped.data(), cols, padded_rows, ld);
+            used_pt = dropped.data();
+          }
 
           // dV += P_dropped^T dO
-          block_matmul<acc_t>(cols, value_dim_padded, rows, used_probs, 1, block_k_padded,
-                              dout_tile.data(), value_dim_padded, dv_acc.data(),
-                              value_dim_padded, /*accumulate=*/true);
-          // dP = dO V^T (+ dW), then dS = P * (dP * dropout - delta)
-          block_matmul<acc_t>(rows, cols_padded, value_dim, dout_tile.data(), value_dim_padded,
-                              1, vt_panel.data(), block_k_padded, dscores.data(),
-                              block_k_padded, /*accumulate=*/false);
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = q0 + r;
-            acc_t* ds = dscores.data() + r * block_k_padded;
-            const acc_t* p = probs.data() + r * block_k_padded;
-            if (grad_weights_data != nullptr) {
+          block_matmul<acc_t, acc_t>(
+              cols, value_dim_padded, rows, used_pt, ld, 1,
+              panels.dout_operand.data + q0 * panels.dout_operand.ld, panels.dout_operand.ld,
+              dv_acc.data(), value_dim_padded, /*accumulate=*/true);
+
+          // dP^T = V dO^T (+ dW^T), times the dropout factors
+          block_matmul<acc_t, scalar_t>(cols, padded_rows, value_dim, v.row(b, h, k0),
+                                        v.stride_row, 1, dot, ld, dst.data(), ld,
+                                        /*accumulate=*/false);
+          if (grad_weights_data != nullptr) {
+            for (int64_t i = 0; i < rows; ++i) {
               const scalar_t* gw = grad_weights_data + b * gw_strides[0] + h * gw_strides[1] +
-                                   i * gw_strides[2] + k0 * gw_strides[3];
-              for (int64_t c = 0; c < cols; ++c) {
-                ds[c] += static_cast<acc_t>(gw[c * gw_strides[3]]);
+                                   (q0 + i) * gw_strides[2] + k0 * gw_strides[3];
+              for (int64_t j = 0; j < cols; ++j) {
+                dst[j * ld + i] += static_cast<acc_t>(gw[j * gw_strides[3]]);
               }
-            }
-            if (dropout.enabled) {
-              const acc_t* factors = dropout_factors.data() + r * block_k_padded;
-              for (int64_t c = 0; c < cols; ++c) {
-                ds[c] *= factors[c];
-              }
-            }
-            const acc_t row_delta = delta_head[i];
-            for (int64_t c = 0; c < cols; ++c) {
-              // A probability of exactly 0 (masked key) contributes nothing, even where dP is
-              // not finite.
-              ds[c] = p[c] == acc_t(0) ? acc_t(0) : p[c] * (ds[c] - row_delta);
-            }
-            if (grad_mask_data != nullptr) {
-              std::copy(ds, ds + cols,
-                        grad_mask_data + ((b * heads + h) * query_len + i) * key_len + k0);
             }
           }
-          // dQ += dS K (scaled at the end), dK += dS^T (scale Q)
-          block_matmul<acc_t>(rows, head_dim_padded, cols, dscores.data(), block_k_padded, 1,
-                              k_rows.data(), head_dim_padded, dq_head + q0 * dq_row_stride,
-                              dq_row_stride, /*accumulate=*/true);
-          block_matmul<acc_t>(cols, head_dim_padded, rows, dscores.data(), 1, block_k_padded,
-                              q_tile.data(), head_dim_padded, dk_acc.data(), head_dim_padded,
-                              /*accumulate=*/true);
+          if (dropout.enabled) {
+            multiply_tiles(dst.data(), factors.data(), dst.data(), cols, padded_rows, ld);
+          }
+
+          // dS^T = P^T (dP^T - delta)
+          for (int64_t i = 0; i < padded_rows; i += kWidth) {
+            const Vec delta = Vec::loadu(panels.delta.data() + q0 + i);
+            for (int64_t j = 0; j < cols; ++j) {
+              const Vec p = Vec::loadu(pt.data() + j * ld + i);
+              (p * (Vec::loadu(dst.data() + j * ld + i) - delta)).store(dst.data() + j * ld + i);
+            }
+          }
+          if (grad_mask_data != nullptr) {
+            for (int64_t i = 0; i < rows; ++i) {
+              acc_t* g = grad_mask_data + ((b * heads + h) * query_len + q0 + i) * key_len + k0;
+              for (int64_t j = 0; j < cols; ++j) {
+                g[j] = dst[j * ld + i];
+              }
+            }
+          }
+
+          // dK += dS^T Q (scaled when stored), dQ += dS K (scaled when reduced)
+          block_matmul<acc_t, acc_t>(
+              cols, head_dim_padded, rows, dst.data(), ld, 1,
+              panels.q_operand.data + q0 * panels.q_operand.ld, panels.q_operand.ld,
+              dk_acc.data(), head_dim_padded, /*accumulate=*/true);
+          block_matmul<acc_t, acc_t>(rows, head_dim_padded, cols, dst.data(), 1, ld, keys.data,
+                                     keys.ld, dq_head + q0 * dq_row_stride, dq_row_stride,
+                                     /*accumulate=*/true);
         }
-        for (int64_t c = 0; c < cols; ++c) {
-          store_row(dk_acc.data() + c * head_dim_padded, head_dim, acc_t(1),
-                    dk.row(b, h, k0 + c));
-          store_row(dv_acc.data() + c * value_dim_padded, value_dim, acc_t(1),
-                    dv.row(b, h, k0 + c));
+        for (int64_t j = 0; j < cols; ++j) {
+          store_row(dk_acc.data() + j * head_dim_padded, head_dim, scale, dk.row(b, h, k0 + j));
+          store_row(dv_acc.data() + j * value_dim_padded, value_dim, acc_t(1),
+                    dv.row(b, h, k0 + j));
         }
       }
     }
@@ -548,7 +645,6 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
 
   // dQ = scale * sum over chunks, always summed in chunk order.
   const RowAccessor<scalar_t> dq(args.grad_query);
-  const acc_t scale = static_cast<acc_t>(pb.scale);
   at::parallel_for(0, pb.batch * heads * query_len, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(head_dim);
     for (int64_t item = begin; item < end; ++item) {

@@ -17,9 +17,10 @@
 
 namespace torch_mha::cpu {
 
-// Tile sizes: a block of kBlockQ queries against a block of kBlockK keys. The score tile
-// (kBlockQ x kBlockK float32 = 16 KiB) and the packed key/value panels stay in L1/L2.
-constexpr int64_t kBlockQ = 32;
+// Tile sizes: a block of kBlockQ queries against a block of kBlockK keys. The transposed score
+// tile (kBlockK x kBlockQ float32 = 32 KiB) and the packed Q^T panel (16 KiB at head_dim 64)
+// stay in L1/L2. kBlockQ is a multiple of every vector width.
+constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
 
 // A 4-D tensor (batch, head, row, column) whose columns have unit stride.

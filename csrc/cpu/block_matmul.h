@@ -1,9 +1,10 @@
 // Small dense products on cache-resident tiles, written with at::vec.
 //
-// Every product in the attention kernels has the shape C (m x n) += A (m x k) * B (k x n) where B
-// and C are scratch tiles the kernel packed itself: row-major, unit stride along n, and n padded
-// to a whole number of vectors. A is read one scalar at a time and broadcast, so it may have any
-// strides; a transposed operand (P^T, dS^T) is just A with its strides swapped.
+// Every product in the attention kernels has the shape C (m x n) [+]= A (m x k) * B (k x n)
+// where B and C are row-major with unit stride along n, the vectorised dimension, and n is a
+// whole number of vectors. A is read one scalar at a time and broadcast, so it may have any
+// strides and any element type (a bfloat16 row of the input, or a transposed float tile such as
+// P^T): transposing an A operand costs nothing.
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -12,7 +13,6 @@
 
 #include <ATen/cpu/vec/vec.h>
 
-#include <algorithm>
 #include <cstdint>
 
 // Everything here depends on the vector width, so it lives in the ISA's own namespace: every
@@ -29,9 +29,9 @@ inline int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
 
-// C[kRows x kVecs vectors] (+)= A[kRows x k] * B[k x kVecs vectors], accumulators in registers.
-template <typename T, int kRows, int kVecs>
-inline void matmul_register_tile(int64_t k, const T* a, int64_t a_row_stride,
+// A register tile of kRows x kVecs vectors of C, accumulated over k.
+template <typename T, typename AT, int kRows, int kVecs>
+inline void matmul_register_tile(int64_t k, const AT* a, int64_t a_row_stride,
                                  int64_t a_col_stride, const T* b, int64_t ldb, T* c,
                                  int64_t ldc, bool accumulate) {
   using Vec = at::vec::Vectorized<T>;
@@ -48,7 +48,7 @@ inline void matmul_register_tile(int64_t k, const T* a, int64_t a_row_stride,
       b_row[v] = Vec::loadu(b + p * ldb + v * kWidth);
     }
     for (int r = 0; r < kRows; ++r) {
-      const Vec a_value(a[r * a_row_stride + p * a_col_stride]);
+      const Vec a_value(static_cast<T>(a[r * a_row_stride + p * a_col_stride]));
       for (int v = 0; v < kVecs; ++v) {
         acc[r][v] = at::vec::fmadd(a_value, b_row[v], acc[r][v]);
       }
@@ -61,49 +61,55 @@ inline void matmul_register_tile(int64_t k, const T* a, int64_t a_row_stride,
   }
 }
 
-template <typename T, int kRows>
-inline void matmul_row_panel(int64_t n, int64_t k, const T* a, int64_t a_row_stride,
+// Register budget: 16 accumulators with 512-bit vectors (32 registers), 8 with narrower ones.
+template <typename T>
+constexpr int register_tile_vecs() {
+  return sizeof(at::vec::Vectorized<T>) >= 64 ? 4 : 2;
+}
+
+template <typename T, typename AT, int kRows>
+inline void matmul_row_panel(int64_t n, int64_t k, const AT* a, int64_t a_row_stride,
                              int64_t a_col_stride, const T* b, int64_t ldb, T* c, int64_t ldc,
                              bool accumulate) {
   constexpr int64_t kWidth = vector_width<T>();
-  constexpr int kVecs = 2;
+  constexpr int kVecs = register_tile_vecs<T>();
   int64_t col = 0;
   for (; col + kVecs * kWidth <= n; col += kVecs * kWidth) {
-    matmul_register_tile<T, kRows, kVecs>(k, a, a_row_stride, a_col_stride, b + col, ldb,
-                                          c + col, ldc, accumulate);
+    matmul_register_tile<T, AT, kRows, kVecs>(k, a, a_row_stride, a_col_stride, b + col, ldb,
+                                              c + col, ldc, accumulate);
   }
   for (; col < n; col += kWidth) {
-    matmul_register_tile<T, kRows, 1>(k, a, a_row_stride, a_col_stride, b + col, ldb, c + col,
-                                      ldc, accumulate);
+    matmul_register_tile<T, AT, kRows, 1>(k, a, a_row_stride, a_col_stride, b + col, ldb,
+                                          c + col, ldc, accumulate);
   }
 }
 
-// C (m x n) = [C +] A (m x k) * B (k x n). n must be a multiple of vector_width<T>(); B and C
-// must hold that many (padded) columns.
-template <typename T>
-void block_matmul(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_row_stride,
+// C (m x n) = [C +] A (m x k) * B (k x n). n must be a multiple of vector_width<T>(), and every
+// row of B and C must hold n readable elements.
+template <typename T, typename AT>
+void block_matmul(int64_t m, int64_t n, int64_t k, const AT* a, int64_t a_row_stride,
                   int64_t a_col_stride, const T* b, int64_t ldb, T* c, int64_t ldc,
                   bool accumulate) {
   constexpr int kRows = 4;
   int64_t row = 0;
   for (; row + kRows <= m; row += kRows) {
-    matmul_row_panel<T, kRows>(n, k, a + row * a_row_stride, a_row_stride, a_col_stride, b, ldb,
-                               c + row * ldc, ldc, accumulate);
+    matmul_row_panel<T, AT, kRows>(n, k, a + row * a_row_stride, a_row_stride, a_col_stride, b,
+                                   ldb, c + row * ldc, ldc, accumulate);
   }
-  const T* a_tail = a + row * a_row_stride;
+  const AT* a_tail = a + row * a_row_stride;
   T* c_tail = c + row * ldc;
   switch (m - row) {
     case 3:
-      matmul_row_panel<T, 3>(n, k, a_tail, a_row_stride, a_col_stride, b, ldb, c_tail, ldc,
-                             accumulate);
+      matmul_row_panel<T, AT, 3>(n, k, a_tail, a_row_stride, a_col_stride, b, ldb, c_tail, ldc,
+                                 accumulate);
       break;
     case 2:
-      matmul_row_panel<T, 2>(n, k, a_tail, a_row_stride, a_col_stride, b, ldb, c_tail, ldc,
-                             accumulate);
+      matmul_row_panel<T, AT, 2>(n, k, a_tail, a_row_stride, a_col_stride, b, ldb, c_tail, ldc,
+                                 accumulate);
       break;
     case 1:
-      matmul_row_panel<T, 1>(n, k, a_tail, a_row_stride, a_col_stride, b, ldb, c_tail, ldc,
-                             accumulate);
+      matmul_row_panel<T, AT, 1>(n, k, a_tail, a_row_stride, a_col_stride, b, ldb, c_tail, ldc,
+                                 accumulate);
       break;
     default:
       break;
