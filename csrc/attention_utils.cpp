@@ -141,7 +141,7 @@ AttentionSizes check_attention_backward_args(
     const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-    const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& weights) {
+    const std::optional<at::Tensor>& grad_weights, bool average_weights) {
   constexpr const char* op = "torch_mha.attention_backward";
   check_qkv(op, query, key, value);
   const AttentionSizes sizes = sizes_of(query, key, value);
@@ -164,18 +164,15 @@ AttentionSizes check_attention_backward_args(
               ": expected logsumexp of dtype ", accumulate_type(query.scalar_type()),
               ", but got ", logsumexp.scalar_type());
 
-  const bool has_grad_weights = grad_weights.has_value() && grad_weights->defined();
-  if (has_grad_weights) {
-    const std::vector<c10::SymInt> weights_shape = {sizes.batch, sizes.heads, sizes.query_len,
-                                                    sizes.key_len};
+  if (grad_weights.has_value() && grad_weights->defined()) {
+    const std::vector<c10::SymInt> weights_shape =
+        average_weights
+            ? std::vector<c10::SymInt>{sizes.batch, sizes.query_len, sizes.key_len}
+            : std::vector<c10::SymInt>{sizes.batch, sizes.heads, sizes.query_len, sizes.key_len};
     check_same_shape(op, "grad_weights", *grad_weights, weights_shape, query);
-    TORCH_CHECK(weights.has_value() && weights->defined(), op,
-                ": grad_weights needs the forward's weights");
-    check_same_shape(op, "weights", *weights, weights_shape, query);
-    TORCH_CHECK(grad_weights->scalar_type() == query.scalar_type() &&
-                    weights->scalar_type() == query.scalar_type(),
-                op, ": expected grad_weights and weights of dtype ", query.scalar_type(),
-                ", but got ", grad_weights->scalar_type(), " and ", weights->scalar_type());
+    TORCH_CHECK(grad_weights->scalar_type() == query.scalar_type(), op,
+                ": expected grad_weights of dtype ", query.scalar_type(), ", but got ",
+                grad_weights->scalar_type());
   }
   return sizes;
 }
@@ -210,16 +207,19 @@ at::Tensor empty_with_layout_of(const at::Tensor& like, c10::SymIntArrayRef size
   return at::empty_strided_symint(sizes, strides, options);
 }
 
-AttentionForwardOutputs allocate_forward_outputs(const at::Tensor& query, const at::Tensor& value,
-                                                 const AttentionSizes& sizes, bool need_weights) {
-  (void)value;
+AttentionForwardOutputs allocate_forward_outputs(const at::Tensor& query,
+                                                 const AttentionSizes& sizes, bool need_weights,
+                                                 bool average_weights) {
   AttentionForwardOutputs outputs;
   outputs.output = empty_with_layout_of(
       query, {sizes.batch, sizes.heads, sizes.query_len, sizes.value_dim}, query.options());
   outputs.logsumexp =
       at::empty_symint({sizes.batch, sizes.heads, sizes.query_len},
                        query.options().dtype(accumulate_type(query.scalar_type())));
-  if (need_weights) {
+  if (need_weights && average_weights) {
+    outputs.weights =
+        at::empty_symint({sizes.batch, sizes.query_len, sizes.key_len}, query.options());
+  } else if (need_weights) {
     outputs.weights = at::empty_symint({sizes.batch, sizes.heads, sizes.query_len, sizes.key_len},
                                        query.options());
   } else {

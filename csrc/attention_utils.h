@@ -37,7 +37,7 @@ AttentionSizes check_attention_backward_args(
     const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-    const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& weights);
+    const std::optional<at::Tensor>& grad_weights, bool average_weights);
 
 // Precision of softmax statistics and accumulators: float64 for float64 inputs, else float32.
 at::ScalarType accumulate_type(at::ScalarType input_type);
@@ -55,11 +55,12 @@ at::Tensor empty_with_layout_of(const at::Tensor& like, c10::SymIntArrayRef size
 struct AttentionForwardOutputs {
   at::Tensor output;     // (batch, heads, query_len, value_dim), layout of query
   at::Tensor logsumexp;  // (batch, heads, query_len), accumulate type
-  at::Tensor weights;    // (batch, heads, query_len, key_len) if requested, else empty
+  at::Tensor weights;    // (batch, [heads,] query_len, key_len) if requested, else empty
 };
 
-AttentionForwardOutputs allocate_forward_outputs(const at::Tensor& query, const at::Tensor& value,
-                                                 const AttentionSizes& sizes, bool need_weights);
+AttentionForwardOutputs allocate_forward_outputs(const at::Tensor& query,
+                                                 const AttentionSizes& sizes, bool need_weights,
+                                                 bool average_weights);
 
 struct AttentionBackwardOutputs {
   at::Tensor grad_query;  // layout of query

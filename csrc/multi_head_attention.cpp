@@ -206,38 +206,45 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
   }
 
   // ---- Input projections. Queries, keys and values stay as views into the projection output.
+  // Slices are taken with split, whose backward is one concatenation; narrow would make
+  // autograd zero-fill a full-size gradient per slice.
   at::Tensor q, k, v;
-  std::optional<at::Tensor> bias_q_chunk, bias_k_chunk, bias_v_chunk;
-  if (present(in_proj_bias)) {
-    bias_q_chunk = in_proj_bias->narrow(0, 0, embed_dim);
-    bias_k_chunk = in_proj_bias->narrow(0, embed_dim, embed_dim);
-    bias_v_chunk = in_proj_bias->narrow(0, 2 * embed_dim, embed_dim);
-  }
+  auto bias_slices = [&](std::vector<int64_t> sizes) {
+    std::vector<std::optional<at::Tensor>> slices(sizes.size());
+    if (present(in_proj_bias)) {
+      const std::vector<at::Tensor> parts = in_proj_bias->split_with_sizes(sizes);
+      std::copy(parts.begin(), parts.end(), slices.begin());
+    }
+    return slices;
+  };
   if (packed) {
     const at::Tensor& w = *in_proj_weight;
     if (qkv_same) {
-      const at::Tensor qkv = at::linear(q_in, w, in_proj_bias);
-      q = qkv.narrow(-1, 0, embed_dim);
-      k = qkv.narrow(-1, embed_dim, embed_dim);
-      v = qkv.narrow(-1, 2 * embed_dim, embed_dim);
+      const std::vector<at::Tensor> qkv =
+          at::linear(q_in, w, in_proj_bias).split(embed_dim, /*dim=*/-1);
+      q = qkv[0];
+      k = qkv[1];
+      v = qkv[2];
     } else if (kv_same) {
-      q = at::linear(q_in, w.narrow(0, 0, embed_dim), bias_q_chunk);
-      std::optional<at::Tensor> kv_bias;
-      if (present(in_proj_bias)) {
-        kv_bias = in_proj_bias->narrow(0, embed_dim, 2 * embed_dim);
-      }
-      const at::Tensor kv = at::linear(k_in, w.narrow(0, embed_dim, 2 * embed_dim), kv_bias);
-      k = kv.narrow(-1, 0, embed_dim);
-      v = kv.narrow(-1, embed_dim, embed_dim);
+      const std::vector<at::Tensor> w_parts = w.split_with_sizes({embed_dim, 2 * embed_dim});
+      const auto b_parts = bias_slices({embed_dim, 2 * embed_dim});
+      q = at::linear(q_in, w_parts[0], b_parts[0]);
+      const std::vector<at::Tensor> kv =
+          at::linear(k_in, w_parts[1], b_parts[1]).split(embed_dim, /*dim=*/-1);
+      k = kv[0];
+      v = kv[1];
     } else {
-      q = at::linear(q_in, w.narrow(0, 0, embed_dim), bias_q_chunk);
-      k = at::linear(k_in, w.narrow(0, embed_dim, embed_dim), bias_k_chunk);
-      v = at::linear(v_in, w.narrow(0, 2 * embed_dim, embed_dim), bias_v_chunk);
+      const std::vector<at::Tensor> w_parts = w.split(embed_dim);
+      const auto b_parts = bias_slices({embed_dim, embed_dim, embed_dim});
+      q = at::linear(q_in, w_parts[0], b_parts[0]);
+      k = at::linear(k_in, w_parts[1], b_parts[1]);
+      v = at::linear(v_in, w_parts[2], b_parts[2]);
     }
   } else {
-    q = at::linear(q_in, *q_proj_weight, bias_q_chunk);
-    k = at::linear(k_in, *k_proj_weight, bias_k_chunk);
-    v = at::linear(v_in, *v_proj_weight, bias_v_chunk);
+    const auto b_parts = bias_slices({embed_dim, embed_dim, embed_dim});
+    q = at::linear(q_in, *q_proj_weight, b_parts[0]);
+    k = at::linear(k_in, *k_proj_weight, b_parts[1]);
+    v = at::linear(v_in, *v_proj_weight, b_parts[2]);
   }
 
   // ---- Learned key/value biases: one extra position at the end of the sequence.
@@ -299,9 +306,10 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
                        q_heads.options().dtype(at::kLong));
   }
 
+  // Head-averaged weights are averaged inside the kernel: (N, L, S) is all that is allocated.
   auto [attn, logsumexp, weights] =
       attention_forward(q_heads, k_heads, v_heads, attn_mask, key_padding_mask, causal,
-                        std::nullopt, p, seed, need_weights);
+                        std::nullopt, p, seed, need_weights, average_attn_weights);
   (void)logsumexp;
 
   // ---- Head merge (a view: the kernel wrote the output in the query's layout) and output
@@ -315,9 +323,6 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
 
   if (!need_weights) {
     return {output, at::empty({0}, output.options())};
-  }
-  if (average_attn_weights) {
-    weights = weights.mean(1);
   }
   if (!is_batched) {
     weights = weights.squeeze(0);

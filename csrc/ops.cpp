@@ -23,14 +23,14 @@ TORCH_LIBRARY(torch_mha, m) {
   m.def(
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
       "Tensor? key_padding_mask=None, bool is_causal=False, float? scale=None, "
-      "float dropout_p=0.0, Tensor? dropout_seed=None, bool need_weights=False) "
-      "-> (Tensor output, Tensor logsumexp, Tensor weights)",
+      "float dropout_p=0.0, Tensor? dropout_seed=None, bool need_weights=False, "
+      "bool average_weights=False) -> (Tensor output, Tensor logsumexp, Tensor weights)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, "
       "Tensor output, Tensor logsumexp, Tensor? attn_mask, Tensor? key_padding_mask, "
       "bool is_causal, float? scale, float dropout_p, Tensor? dropout_seed, "
-      "Tensor? grad_weights, Tensor? weights, bool compute_mask_grad) "
+      "Tensor? grad_weights, bool average_weights, bool compute_mask_grad) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask)",
       {at::Tag::pt2_compliant_tag});
   m.def(
@@ -52,12 +52,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, std::optional<double> scale, double dropout_p,
-    const std::optional<at::Tensor>& dropout_seed, bool need_weights) {
+    const std::optional<at::Tensor>& dropout_seed, bool need_weights, bool average_weights) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mha::attention_forward", "")
                        .typed<decltype(attention_forward)>();
   return op.call(query, key, value, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
-                 dropout_seed, need_weights);
+                 dropout_seed, need_weights, average_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -66,12 +66,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, std::optional<double> scale, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed, const std::optional<at::Tensor>& grad_weights,
-    const std::optional<at::Tensor>& weights, bool compute_mask_grad) {
+    bool average_weights, bool compute_mask_grad) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mha::attention_backward", "")
                        .typed<decltype(attention_backward)>();
   return op.call(grad_output, query, key, value, output, logsumexp, attn_mask, key_padding_mask,
-                 is_causal, scale, dropout_p, dropout_seed, grad_weights, weights,
+                 is_causal, scale, dropout_p, dropout_seed, grad_weights, average_weights,
                  compute_mask_grad);
 }
 

@@ -25,25 +25,29 @@ namespace torch_mha {
 //   is_causal: query i attends keys 0..i (top-left aligned)
 //   scale: defaults to 1/sqrt(E)
 //   dropout_p, dropout_seed: dropout on the probabilities; the seed is an int64 tensor
-// Returns (output (N, H, L, Ev), logsumexp (N, H, L), weights (N, H, L, S) or an empty tensor
-// when need_weights is false).
+//   need_weights, average_weights: also return the attention probabilities (after dropout),
+//     averaged over heads when average_weights
+// Returns (output (N, H, L, Ev), logsumexp (N, H, L), weights: (N, L, S) averaged or
+// (N, H, L, S) per head, or an empty tensor when need_weights is false).
 TORCH_MHA_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask = std::nullopt,
     const std::optional<at::Tensor>& key_padding_mask = std::nullopt, bool is_causal = false,
     std::optional<double> scale = std::nullopt, double dropout_p = 0.0,
-    const std::optional<at::Tensor>& dropout_seed = std::nullopt, bool need_weights = false);
+    const std::optional<at::Tensor>& dropout_seed = std::nullopt, bool need_weights = false,
+    bool average_weights = false);
 
-// Gradient of attention_forward. Returns (grad_query, grad_key, grad_value, grad_mask), where
-// grad_mask is the (N, H, L, S) gradient of the additive masks when compute_mask_grad is true
-// and an empty tensor otherwise.
+// Gradient of attention_forward. grad_weights is the gradient of the returned weights (or
+// nullopt), averaged over heads or not as average_weights says. Returns (grad_query, grad_key,
+// grad_value, grad_mask), where grad_mask is the (N, H, L, S) gradient of the additive masks
+// when compute_mask_grad is true and an empty tensor otherwise.
 TORCH_MHA_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, std::optional<double> scale, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed, const std::optional<at::Tensor>& grad_weights,
-    const std::optional<at::Tensor>& weights, bool compute_mask_grad);
+    bool average_weights, bool compute_mask_grad);
 
 // The whole torch.nn.MultiheadAttention layer (projections, heads, masks, attention, output
 // projection), with the semantics of torch.nn.functional.multi_head_attention_forward plus

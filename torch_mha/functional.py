@@ -257,11 +257,13 @@ def attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    average_weights: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Fused scaled dot-product attention on per-head tensors, with autograd.
 
     query (N, H, L, E), key (N, H, S, E), value (N, H, S, Ev) -> output (N, H, L, Ev), and the
-    attention probabilities (N, H, L, S) when need_weights is True (else None).
+    attention probabilities after dropout when need_weights is True (else None): (N, H, L, S),
+    or (N, L, S) averaged over heads when average_weights is True.
 
     Masks use nn.MultiheadAttention's polarity: a bool True means "do not attend" (the opposite
     of F.scaled_dot_product_attention); a floating mask is added to the scaled scores. attn_mask
@@ -285,6 +287,7 @@ def attention(
         dropout_p,
         seed,
         need_weights,
+        average_weights,
     )
     if need_weights:
         return output, weights

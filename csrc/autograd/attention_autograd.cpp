@@ -40,22 +40,24 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
                                std::optional<double> scale, double dropout_p,
-                               const std::optional<at::Tensor>& dropout_seed, bool need_weights) {
+                               const std::optional<at::Tensor>& dropout_seed, bool need_weights,
+                               bool average_weights) {
     at::Tensor output, logsumexp, weights;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(output, logsumexp, weights) =
-          torch_mha::attention_forward(query, key, value, attn_mask, key_padding_mask, is_causal,
-                                       scale, dropout_p, dropout_seed, need_weights);
+      std::tie(output, logsumexp, weights) = torch_mha::attention_forward(
+          query, key, value, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
+          dropout_seed, need_weights, average_weights);
     }
-    ctx->save_for_backward({query, key, value, output, logsumexp,
-                            need_weights ? weights : at::Tensor(), value_or_undefined(attn_mask),
+    // The weights are not saved: their gradient term is recomputed from logsumexp.
+    ctx->save_for_backward({query, key, value, output, logsumexp, value_or_undefined(attn_mask),
                             value_or_undefined(key_padding_mask),
                             value_or_undefined(dropout_seed)});
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["need_weights"] = need_weights;
+    ctx->saved_data["average_weights"] = average_weights;
     ctx->saved_data["attn_mask_requires_grad"] = mask_requires_grad(attn_mask);
     ctx->saved_data["key_padding_mask_requires_grad"] = mask_requires_grad(key_padding_mask);
     ctx->mark_non_differentiable({logsumexp});
@@ -72,10 +74,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const at::Tensor& value = saved[2];
     const at::Tensor& output = saved[3];
     const at::Tensor& logsumexp = saved[4];
-    const at::Tensor& weights = saved[5];
-    const std::optional<at::Tensor> attn_mask = defined_or_nullopt(saved[6]);
-    const std::optional<at::Tensor> key_padding_mask = defined_or_nullopt(saved[7]);
-    const std::optional<at::Tensor> dropout_seed = defined_or_nullopt(saved[8]);
+    const std::optional<at::Tensor> attn_mask = defined_or_nullopt(saved[5]);
+    const std::optional<at::Tensor> key_padding_mask = defined_or_nullopt(saved[6]);
+    const std::optional<at::Tensor> dropout_seed = defined_or_nullopt(saved[7]);
     const bool need_weights = ctx->saved_data["need_weights"].toBool();
     const bool attn_mask_grad = ctx->saved_data["attn_mask_requires_grad"].toBool();
     const bool key_padding_mask_grad =
@@ -90,8 +91,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         grad_output, query, key, value, output, logsumexp, attn_mask, key_padding_mask,
         ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
         ctx->saved_data["dropout_p"].toDouble(), dropout_seed, defined_or_nullopt(grad_weights),
-        grad_weights.defined() ? std::optional<at::Tensor>(weights) : std::nullopt,
-        attn_mask_grad || key_padding_mask_grad);
+        ctx->saved_data["average_weights"].toBool(), attn_mask_grad || key_padding_mask_grad);
 
     at::Tensor grad_attn_mask, grad_key_padding_mask;
     if (attn_mask_grad) {
@@ -111,6 +111,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
             at::Tensor(),
             at::Tensor(),
             at::Tensor(),
+            at::Tensor(),
             at::Tensor()};
   }
 };
@@ -124,12 +125,13 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
       const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask,
       const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
       std::optional<double> scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-      const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& weights,
+      const std::optional<at::Tensor>& grad_weights, bool average_weights,
       bool compute_mask_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_query, grad_key, grad_value, grad_mask] = torch_mha::attention_backward(
         grad_output, query, key, value, output, logsumexp, attn_mask, key_padding_mask,
-        is_causal, scale, dropout_p, dropout_seed, grad_weights, weights, compute_mask_grad);
+        is_causal, scale, dropout_p, dropout_seed, grad_weights, average_weights,
+        compute_mask_grad);
     return {grad_query, grad_key, grad_value, grad_mask};
   }
 
@@ -144,10 +146,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, std::optional<double> scale, double dropout_p,
-    const std::optional<at::Tensor>& dropout_seed, bool need_weights) {
+    const std::optional<at::Tensor>& dropout_seed, bool need_weights, bool average_weights) {
   const variable_list result =
       AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask, is_causal, scale,
-                               dropout_p, dropout_seed, need_weights);
+                               dropout_p, dropout_seed, need_weights, average_weights);
   return {result[0], result[1], result[2]};
 }
 
@@ -157,10 +159,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_au
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, std::optional<double> scale, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed, const std::optional<at::Tensor>& grad_weights,
-    const std::optional<at::Tensor>& weights, bool compute_mask_grad) {
+    bool average_weights, bool compute_mask_grad) {
   const variable_list result = AttentionBackwardFunction::apply(
       grad_output, query, key, value, output, logsumexp, attn_mask, key_padding_mask, is_causal,
-      scale, dropout_p, dropout_seed, grad_weights, weights, compute_mask_grad);
+      scale, dropout_p, dropout_seed, grad_weights, average_weights, compute_mask_grad);
   return {result[0], result[1], result[2], result[3]};
 }
 

@@ -58,13 +58,16 @@ StridedRows rows_of(const at::Tensor& t) {
   return {const_cast<void*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-Strided4d strided_of(const std::optional<at::Tensor>& t) {
+// Gradient of the returned weights as (batch, head, query, key). Head-averaged weights have no
+// head dimension: every head reads the same element (head stride 0).
+Strided4d grad_weights_view(const std::optional<at::Tensor>& t, bool average_weights) {
   Strided4d view;
   if (t.has_value()) {
     view.data = t->const_data_ptr();
-    for (int64_t d = 0; d < 4; ++d) {
-      view.strides[d] = t->stride(d);
-    }
+    const std::vector<int64_t> strides =
+        average_weights ? std::vector<int64_t>{t->stride(0), 0, t->stride(1), t->stride(2)}
+                        : t->strides().vec();
+    std::copy(strides.begin(), strides.end(), view.strides);
   }
   return view;
 }
@@ -97,14 +100,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const std::optional<at::Tensor>& attn_mask_in,
     const std::optional<at::Tensor>& key_padding_mask_in, bool is_causal,
     std::optional<double> scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-    bool need_weights) {
+    bool need_weights, bool average_weights) {
   const std::optional<at::Tensor> attn_mask = as_optional(attn_mask_in);
   const std::optional<at::Tensor> key_padding_mask = as_optional(key_padding_mask_in);
   const AttentionSizes sizes = check_attention_forward_args(
       query_in, key_in, value_in, attn_mask, key_padding_mask, dropout_p, dropout_seed);
   // Outputs follow the caller's layout (as the Meta kernel does), not that of a private copy.
   AttentionForwardOutputs outputs =
-      allocate_forward_outputs(query_in, value_in, sizes, need_weights);
+      allocate_forward_outputs(query_in, sizes, need_weights, average_weights);
   const at::Tensor query = with_unit_last_stride(query_in);
   const at::Tensor key = with_unit_last_stride(key_in);
   const at::Tensor value = with_unit_last_stride(value_in);
@@ -118,6 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
   args.output = rows_of(outputs.output);
   args.logsumexp = outputs.logsumexp.mutable_data_ptr();
   args.weights = need_weights ? outputs.weights.mutable_data_ptr() : nullptr;
+  args.average_weights = average_weights;
   kernels().forward(args);
   return {outputs.output, outputs.logsumexp, outputs.weights};
 }
@@ -128,15 +132,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const std::optional<at::Tensor>& attn_mask_in,
     const std::optional<at::Tensor>& key_padding_mask_in, bool is_causal,
     std::optional<double> scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-    const std::optional<at::Tensor>& grad_weights_in, const std::optional<at::Tensor>& weights_in,
+    const std::optional<at::Tensor>& grad_weights_in, bool average_weights,
     bool compute_mask_grad) {
   const std::optional<at::Tensor> attn_mask = as_optional(attn_mask_in);
   const std::optional<at::Tensor> key_padding_mask = as_optional(key_padding_mask_in);
   const std::optional<at::Tensor> grad_weights = as_optional(grad_weights_in);
-  const std::optional<at::Tensor> weights = as_optional(weights_in);
   const AttentionSizes sizes = check_attention_backward_args(
       grad_output_in, query_in, key_in, value_in, output_in, logsumexp_in, attn_mask,
-      key_padding_mask, dropout_p, dropout_seed, grad_weights, weights);
+      key_padding_mask, dropout_p, dropout_seed, grad_weights, average_weights);
   AttentionBackwardOutputs outputs =
       allocate_backward_outputs(query_in, key_in, value_in, sizes, compute_mask_grad);
   const at::Tensor query = with_unit_last_stride(query_in);
@@ -155,8 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   args.value = rows_of(value);
   args.output = rows_of(output);
   args.logsumexp = logsumexp.const_data_ptr();
-  args.grad_weights = strided_of(grad_weights);
-  args.weights = strided_of(grad_weights.has_value() ? weights : std::nullopt);
+  args.grad_weights = grad_weights_view(grad_weights, average_weights);
+  args.grad_weights_scale = average_weights ? 1.0 / static_cast<double>(query.size(1)) : 1.0;
   args.grad_query = rows_of(outputs.grad_query);
   args.grad_key = rows_of(outputs.grad_key);
   args.grad_value = rows_of(outputs.grad_value);

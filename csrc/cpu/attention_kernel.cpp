@@ -264,6 +264,34 @@ void multiply_tiles(const acc_t* a, const acc_t* b, acc_t* out, int64_t cols, in
   }
 }
 
+// P^T for queries [q0, q0 + rows) against keys [k0, k0 + cols), before dropout: the tile
+// exp(S^T - lse) with the call's masks, S^T = K (scale Q)^T. qt is the query block's packed
+// (scale Q)^T; lse holds one value per (padded) query, +inf for padding.
+template <typename scalar_t, typename acc_t>
+void probability_tile(const RowAccessor<const scalar_t>& k, const ScoreMasking& masking,
+                      int64_t head_dim, int64_t b, int64_t h, int64_t q0, int64_t rows,
+                      int64_t padded_rows, const acc_t* qt, const acc_t* lse, int64_t k0,
+                      int64_t cols, acc_t* pt) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t ld = kBlockQ;
+  block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0), k.stride_row, 1,
+                                qt, ld, pt, ld, /*accumulate=*/false);
+  masking.apply(b, h, q0, rows, k0, cols, pt, ld);
+  for (int64_t i = 0; i < padded_rows; i += Vec::size()) {
+    const Vec row_lse = Vec::loadu(lse + i);
+    for (int64_t j = 0; j < cols; ++j) {
+      exp_vec(Vec::loadu(pt + j * ld + i) - row_lse).store(pt + j * ld + i);
+    }
+  }
+}
+
+// The query block's logsumexp, padded with +inf (probability 0) up to a whole vector.
+template <typename acc_t>
+void load_block_lse(const acc_t* lse_rows, int64_t rows, int64_t padded_rows, acc_t* out) {
+  std::copy(lse_rows, lse_rows + rows, out);
+  std::fill(out + rows, out + padded_rows, std::numeric_limits<acc_t>::infinity());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -286,7 +314,6 @@ void attention_forward_typed(const ForwardKernelArgs& args) {
   const RowAccessor<const scalar_t> v(args.value);
   const RowAccessor<scalar_t> out(args.output);
   acc_t* lse_data = static_cast<acc_t*>(args.logsumexp);
-  scalar_t* weights_data = static_cast<scalar_t*>(args.weights);
 
   at::parallel_for(0, pb.batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qt(head_dim * ld);         // (scale Q)^T of the query block
@@ -362,46 +389,89 @@ void attention_forward_typed(const ForwardKernelArgs& args) {
       }
 
       acc_t* lse_rows = lse_data + (b * heads + h) * query_len + q0;
-      for (int64_t i = 0; i < padded_rows; ++i) {
+      for (int64_t i = 0; i < rows; ++i) {
         const SoftmaxRowResult<acc_t> result = online_softmax_finish(m[i], l[i]);
-        // Reused below as the per-query offset of the weights sweep; padding queries give 0.
-        offset[i] = i < rows ? result.logsumexp : std::numeric_limits<acc_t>::infinity();
-        if (i < rows) {
-          lse_rows[i] = result.logsumexp;
-          store_row(acc.data() + i * value_dim_padded, value_dim, result.inverse_sum,
-                    out.row(b, h, q0 + i));
-        }
+        lse_rows[i] = result.logsumexp;
+        store_row(acc.data() + i * value_dim_padded, value_dim, result.inverse_sum,
+                  out.row(b, h, q0 + i));
       }
+    }
+  });
+}
 
-      if (weights_data == nullptr) {
-        continue;
-      }
-      // Weights were requested: with the row statistics final, recompute each score tile and
-      // write exp(s - lse), after dropout.
-      for (int64_t k0 = 0; k0 < key_len; k0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, key_len - k0);
-        const bool visible = k0 < key_end;
-        if (visible) {
-          block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0),
-                                        k.stride_row, 1, qt.data(), ld, st.data(), ld,
-                                        /*accumulate=*/false);
-          masking.apply(b, h, q0, rows, k0, cols, st.data(), ld);
-          for (int64_t i = 0; i < padded_rows; i += kWidth) {
-            const Vec lse = Vec::loadu(offset.data() + i);
-            for (int64_t j = 0; j < cols; ++j) {
-              exp_vec(Vec::loadu(st.data() + j * ld + i) - lse).store(st.data() + j * ld + i);
+// The attention weights, once the forward has produced the final logsumexp: recompute each
+// probability tile, apply dropout, and write it, or, for head-averaged weights, sum the heads of
+// a query block in a fixed order in float32 and write the mean.
+template <typename scalar_t>
+void attention_weights_typed(const ForwardKernelArgs& args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kWidth = vector_width<acc_t>();
+  constexpr int64_t ld = kBlockQ;
+  const AttentionProblem& pb = args.problem;
+  const int64_t heads = pb.heads, query_len = pb.query_len, key_len = pb.key_len,
+                head_dim = pb.head_dim;
+  const int64_t query_blocks = (query_len + kBlockQ - 1) / kBlockQ;
+  const bool average = args.average_weights;
+  const int64_t heads_per_item = average ? heads : 1;
+  const ScoreMasking masking{pb.attn_mask, pb.key_padding_mask, pb.is_causal};
+  const DropoutConfig dropout(pb);
+  const RowAccessor<const scalar_t> q(args.query);
+  const RowAccessor<const scalar_t> k(args.key);
+  const acc_t* lse_data = static_cast<const acc_t*>(args.logsumexp);
+  scalar_t* weights_data = static_cast<scalar_t*>(args.weights);
+  const acc_t head_weight = acc_t(1) / static_cast<acc_t>(heads_per_item);
+
+  const int64_t items = pb.batch * (heads / heads_per_item) * query_blocks;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qt(head_dim * ld), pt(kBlockK * ld), lse(ld);
+    std::vector<acc_t> factors(dropout.enabled ? kBlockK * ld : 0);
+    std::vector<acc_t> mean(average ? kBlockQ * key_len : 0);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / ((heads / heads_per_item) * query_blocks);
+      const int64_t first_head = (item / query_blocks) % (heads / heads_per_item) * heads_per_item;
+      const int64_t q0 = (item % query_blocks) * kBlockQ;
+      const int64_t rows = std::min(kBlockQ, query_len - q0);
+      const int64_t padded_rows = round_up(rows, kWidth);
+      const int64_t key_end =
+          masking.is_causal ? causal_key_limit(q0 + rows - 1, key_len) : key_len;
+      std::fill(mean.begin(), mean.end(), acc_t(0));
+      for (int64_t h = first_head; h < first_head + heads_per_item; ++h) {
+        pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim,
+                        static_cast<acc_t>(pb.scale), qt.data(), ld, padded_rows);
+        load_block_lse(lse_data + (b * heads + h) * query_len + q0, rows, padded_rows,
+                       lse.data());
+        for (int64_t k0 = 0; k0 < key_len; k0 += kBlockK) {
+          const int64_t cols = std::min(kBlockK, key_len - k0);
+          const bool visible = k0 < key_end;
+          if (visible) {
+            probability_tile(k, masking, head_dim, b, h, q0, rows, padded_rows, qt.data(),
+                             lse.data(), k0, cols, pt.data());
+            if (dropout.enabled) {
+              dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
+              multiply_tiles(pt.data(), factors.data(), pt.data(), cols, padded_rows, ld);
             }
           }
-          if (dropout.enabled) {
-            dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
-            multiply_tiles(st.data(), factors.data(), st.data(), cols, padded_rows, ld);
+          for (int64_t i = 0; i < rows; ++i) {
+            if (average) {
+              if (visible) {
+                acc_t* sum = mean.data() + i * key_len + k0;
+                for (int64_t j = 0; j < cols; ++j) {
+                  sum[j] += head_weight * pt[j * ld + i];
+                }
+              }
+              continue;
+            }
+            scalar_t* w = weights_data + ((b * heads + h) * query_len + q0 + i) * key_len + k0;
+            for (int64_t j = 0; j < cols; ++j) {
+              w[j] = visible ? static_cast<scalar_t>(pt[j * ld + i]) : scalar_t(0);
+            }
           }
         }
+      }
+      if (average) {
         for (int64_t i = 0; i < rows; ++i) {
-          scalar_t* w = weights_data + ((b * heads + h) * query_len + q0 + i) * key_len + k0;
-          for (int64_t j = 0; j < cols; ++j) {
-            w[j] = visible ? static_cast<scalar_t>(st[j * ld + i]) : scalar_t(0);
-          }
+          store_row(mean.data() + i * key_len, key_len, acc_t(1),
+                    weights_data + (b * query_len + q0 + i) * key_len);
         }
       }
     }
@@ -411,22 +481,76 @@ void attention_forward_typed(const ForwardKernelArgs& args) {
 // ---------------------------------------------------------------------------------------------
 // Backward
 
+// The weights term of delta, sum_j dW[i, j] W[i, j], where W (the returned weights, after
+// dropout) is recomputed tile by tile rather than kept from the forward.
+template <typename scalar_t>
+void add_weights_delta(const BackwardKernelArgs& args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kWidth = vector_width<acc_t>();
+  constexpr int64_t ld = kBlockQ;
+  const AttentionProblem& pb = args.problem;
+  const int64_t heads = pb.heads, query_len = pb.query_len, key_len = pb.key_len,
+                head_dim = pb.head_dim;
+  const int64_t query_blocks = (query_len + kBlockQ - 1) / kBlockQ;
+  const ScoreMasking masking{pb.attn_mask, pb.key_padding_mask, pb.is_causal};
+  const DropoutConfig dropout(pb);
+  const RowAccessor<const scalar_t> q(args.query);
+  const RowAccessor<const scalar_t> k(args.key);
+  const acc_t* lse_data = static_cast<const acc_t*>(args.logsumexp);
+  acc_t* delta_data = static_cast<acc_t*>(args.delta);
+  const auto* grad_weights = static_cast<const scalar_t*>(args.grad_weights.data);
+  const int64_t* gw_strides = args.grad_weights.strides;
+  const acc_t gw_scale = static_cast<acc_t>(args.grad_weights_scale);
+
+  at::parallel_for(0, pb.batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qt(head_dim * ld), pt(kBlockK * ld), lse(ld), sums(ld);
+    std::vector<acc_t> factors(dropout.enabled ? kBlockK * ld : 0);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (heads * query_blocks);
+      const int64_t h = (item / query_blocks) % heads;
+      const int64_t q0 = (item % query_blocks) * kBlockQ;
+      const int64_t rows = std::min(kBlockQ, query_len - q0);
+      const int64_t padded_rows = round_up(rows, kWidth);
+      const int64_t key_end =
+          masking.is_causal ? causal_key_limit(q0 + rows - 1, key_len) : key_len;
+      pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim,
+                      static_cast<acc_t>(pb.scale), qt.data(), ld, padded_rows);
+      acc_t* delta_rows = delta_data + (b * heads + h) * query_len + q0;
+      load_block_lse(lse_data + (b * heads + h) * query_len + q0, rows, padded_rows, lse.data());
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, key_end - k0);
+        probability_tile(k, masking, head_dim, b, h, q0, rows, padded_rows, qt.data(),
+                         lse.data(), k0, cols, pt.data());
+        if (dropout.enabled) {
+          dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
+          multiply_tiles(pt.data(), factors.data(), pt.data(), cols, padded_rows, ld);
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          const scalar_t* gw = grad_weights + b * gw_strides[0] + h * gw_strides[1] +
+                               (q0 + i) * gw_strides[2] + k0 * gw_strides[3];
+          for (int64_t j = 0; j < cols; ++j) {
+            sums[i] += static_cast<acc_t>(gw[j * gw_strides[3]]) * pt[j * ld + i];
+          }
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        delta_rows[i] += gw_scale * sums[i];
+      }
+    }
+  });
+}
+
 // delta[b, h, i] = sum_d dO[i, d] O[i, d] (+ sum_j dW[i, j] W[i, j] when the returned weights
 // were differentiated): the per-query term of the softmax gradient, dS = P (dP - delta).
 template <typename scalar_t>
 void compute_softmax_delta(const BackwardKernelArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
   const AttentionProblem& pb = args.problem;
-  const int64_t heads = pb.heads, query_len = pb.query_len, key_len = pb.key_len,
-                value_dim = pb.value_dim;
+  const int64_t heads = pb.heads, query_len = pb.query_len, value_dim = pb.value_dim;
   acc_t* delta_data = static_cast<acc_t*>(args.delta);
   const RowAccessor<const scalar_t> dout(args.grad_output);
   const RowAccessor<const scalar_t> out(args.output);
-  const auto* grad_weights = static_cast<const scalar_t*>(args.grad_weights.data);
-  const auto* weights = static_cast<const scalar_t*>(args.weights.data);
-  const int64_t* gw_strides = args.grad_weights.strides;
-  const int64_t* w_strides = args.weights.strides;
-
   at::parallel_for(0, pb.batch * heads * query_len, 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (heads * query_len);
@@ -438,18 +562,12 @@ void compute_softmax_delta(const BackwardKernelArgs& args) {
       for (int64_t d = 0; d < value_dim; ++d) {
         sum += static_cast<acc_t>(d_row[d]) * static_cast<acc_t>(o_row[d]);
       }
-      if (grad_weights != nullptr) {
-        const scalar_t* gw =
-            grad_weights + b * gw_strides[0] + h * gw_strides[1] + i * gw_strides[2];
-        const scalar_t* w = weights + b * w_strides[0] + h * w_strides[1] + i * w_strides[2];
-        for (int64_t j = 0; j < key_len; ++j) {
-          sum += static_cast<acc_t>(gw[j * gw_strides[3]]) *
-                 static_cast<acc_t>(w[j * w_strides[3]]);
-        }
-      }
       delta_data[item] = sum;
     }
   });
+  if (args.grad_weights.data != nullptr) {
+    add_weights_delta<scalar_t>(args);
+  }
 }
 
 // What the backward needs of every query block of one head, packed once per (batch, head) and
@@ -528,6 +646,7 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
   acc_t* grad_mask_data = static_cast<acc_t*>(args.grad_mask);
   const auto* grad_weights_data = static_cast<const scalar_t*>(args.grad_weights.data);
   const int64_t* gw_strides = args.grad_weights.strides;
+  const acc_t gw_scale = static_cast<acc_t>(args.grad_weights_scale);
   acc_t* dq_partials_data = static_cast<acc_t*>(args.dq_partials);
   const int64_t dq_row_stride = args.dq_row_stride;
   const int64_t dq_head_stride = query_len * dq_row_stride;
@@ -568,16 +687,8 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
           const acc_t* dot = panels.dot.data() + qb * value_dim * ld;
 
           // P^T = exp(S^T - lse)
-          block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0),
-                                        k.stride_row, 1, qt, ld, pt.data(), ld,
-                                        /*accumulate=*/false);
-          masking.apply(b, h, q0, rows, k0, cols, pt.data(), ld);
-          for (int64_t i = 0; i < padded_rows; i += kWidth) {
-            const Vec lse = Vec::loadu(panels.lse.data() + q0 + i);
-            for (int64_t j = 0; j < cols; ++j) {
-              exp_vec(Vec::loadu(pt.data() + j * ld + i) - lse).store(pt.data() + j * ld + i);
-            }
-          }
+          probability_tile(k, masking, head_dim, b, h, q0, rows, padded_rows, qt,
+                           panels.lse.data() + q0, k0, cols, pt.data());
           const acc_t* used_pt = pt.data();
           if (dropout.enabled) {
             dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
@@ -600,7 +711,7 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
               const scalar_t* gw = grad_weights_data + b * gw_strides[0] + h * gw_strides[1] +
                                    (q0 + i) * gw_strides[2] + k0 * gw_strides[3];
               for (int64_t j = 0; j < cols; ++j) {
-                dst[j * ld + i] += static_cast<acc_t>(gw[j * gw_strides[3]]);
+                dst[j * ld + i] += gw_scale * static_cast<acc_t>(gw[j * gw_strides[3]]);
               }
             }
           }
@@ -670,7 +781,12 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
 void attention_forward_kernel(const ForwardKernelArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.problem.dtype,
                                   "attention_forward_cpu",
-                                  [&] { attention_forward_typed<scalar_t>(args); });
+                                  [&] {
+                                    attention_forward_typed<scalar_t>(args);
+                                    if (args.weights != nullptr) {
+                                      attention_weights_typed<scalar_t>(args);
+                                    }
+                                  });
 }
 
 void attention_backward_kernel(const BackwardKernelArgs& args) {

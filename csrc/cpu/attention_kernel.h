@@ -58,15 +58,20 @@ struct ForwardKernelArgs {
   StridedRows query, key, value;
   StridedRows output;
   void* logsumexp;  // (batch, heads, query_len) contiguous, accumulate type
-  void* weights;    // (batch, heads, query_len, key_len) contiguous, or nullptr
+  // Attention probabilities, contiguous: (batch, query_len, key_len) averaged over heads when
+  // average_weights, else (batch, heads, query_len, key_len); nullptr when not requested.
+  void* weights;
+  bool average_weights;
 };
 
 struct BackwardKernelArgs {
   AttentionProblem problem;
   StridedRows grad_output, query, key, value, output;
   const void* logsumexp;  // (batch, heads, query_len) contiguous, accumulate type
-  Strided4d grad_weights;  // data == nullptr unless the returned weights were differentiated
-  Strided4d weights;
+  // Gradient of the returned weights, seen as (batch, head, query, key) (head stride 0 for
+  // head-averaged weights); data == nullptr unless the weights were differentiated.
+  Strided4d grad_weights;
+  double grad_weights_scale;  // 1/heads for head-averaged weights, else 1
   StridedRows grad_query, grad_key, grad_value;
   void* grad_mask;  // (batch, heads, query_len, key_len) contiguous accumulate type, or nullptr
   // Scratch, accumulate type, allocated by the caller:

@@ -11,10 +11,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_meta(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool /*is_causal*/, std::optional<double> /*scale*/, double dropout_p,
-    const std::optional<at::Tensor>& dropout_seed, bool need_weights) {
+    const std::optional<at::Tensor>& dropout_seed, bool need_weights, bool average_weights) {
   const AttentionSizes sizes = check_attention_forward_args(
       query, key, value, attn_mask, key_padding_mask, dropout_p, dropout_seed);
-  AttentionForwardOutputs outputs = allocate_forward_outputs(query, value, sizes, need_weights);
+  AttentionForwardOutputs outputs =
+      allocate_forward_outputs(query, sizes, need_weights, average_weights);
   return {outputs.output, outputs.logsumexp, outputs.weights};
 }
 
@@ -24,10 +25,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_me
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool /*is_causal*/, std::optional<double> /*scale*/, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed, const std::optional<at::Tensor>& grad_weights,
-    const std::optional<at::Tensor>& weights, bool compute_mask_grad) {
+    bool average_weights, bool compute_mask_grad) {
   const AttentionSizes sizes = check_attention_backward_args(
       grad_output, query, key, value, output, logsumexp, attn_mask, key_padding_mask, dropout_p,
-      dropout_seed, grad_weights, weights);
+      dropout_seed, grad_weights, average_weights);
   AttentionBackwardOutputs outputs =
       allocate_backward_outputs(query, key, value, sizes, compute_mask_grad);
   return {outputs.grad_query, outputs.grad_key, outputs.grad_value, outputs.grad_mask};
