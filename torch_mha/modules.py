@@ -116,6 +116,33 @@ class MultiheadAttention(nn.Module):
             state["_qkv_same_embed_dim"] = True
         super().__setstate__(state)
 
+    def merge_masks(
+        self,
+        attn_mask: Optional[Tensor],
+        key_padding_mask: Optional[Tensor],
+        query: Tensor,
+    ) -> Tuple[Optional[Tensor], Optional[int]]:
+        r"""Combines the masks as nn.MultiheadAttention.merge_masks does, for callers such as
+        nn.TransformerEncoderLayer's fast path. torch_mha itself never merges masks.
+
+        Returns (mask, mask_type): mask_type 1 is the key padding mask alone, (N, S); mask_type 2
+        is attn_mask broadcast to (N, num_heads, L, L), plus the key padding mask if given.
+        Masks are expected in float form (bool masks already turned into 0 / -inf).
+        """
+        if attn_mask is None:
+            if key_padding_mask is None:
+                return None, None
+            return key_padding_mask, 1
+        batch, length = query.shape[0], query.shape[1]
+        if attn_mask.dim() == 3:
+            merged = attn_mask.view(batch, -1, length, length)
+        else:
+            merged = attn_mask.view(1, 1, length, length).expand(batch, self.num_heads, -1, -1)
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(batch, 1, 1, length).expand(-1, self.num_heads, -1, -1)
+            merged = merged + padding
+        return merged, 2
+
     def forward(
         self,
         query: Tensor,
