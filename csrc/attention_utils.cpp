@@ -138,7 +138,7 @@ AttentionSizes check_attention_forward_args(const at::Tensor& query, const at::T
 
 AttentionSizes check_attention_backward_args(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+    const at::Tensor& value, const at::Tensor& output, const at::Tensor& softmax_stats,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed,
     const std::optional<at::Tensor>& grad_weights, bool average_weights) {
@@ -158,11 +158,11 @@ AttentionSizes check_attention_backward_args(
                   output.scalar_type() == query.scalar_type(),
               op, ": expected grad_output and output of dtype ", query.scalar_type(),
               ", but got ", grad_output.scalar_type(), " and ", output.scalar_type());
-  check_same_shape(op, "logsumexp", logsumexp, {sizes.batch, sizes.heads, sizes.query_len},
-                   query);
-  TORCH_CHECK(logsumexp.scalar_type() == accumulate_type(query.scalar_type()), op,
-              ": expected logsumexp of dtype ", accumulate_type(query.scalar_type()),
-              ", but got ", logsumexp.scalar_type());
+  check_same_shape(op, "softmax_stats", softmax_stats,
+                   {sizes.batch, sizes.heads, sizes.query_len, 2}, query);
+  TORCH_CHECK(softmax_stats.scalar_type() == accumulate_type(query.scalar_type()), op,
+              ": expected softmax_stats of dtype ", accumulate_type(query.scalar_type()),
+              ", but got ", softmax_stats.scalar_type());
 
   if (grad_weights.has_value() && grad_weights->defined()) {
     const std::vector<c10::SymInt> weights_shape =
@@ -213,8 +213,8 @@ AttentionForwardOutputs allocate_forward_outputs(const at::Tensor& query,
   AttentionForwardOutputs outputs;
   outputs.output = empty_with_layout_of(
       query, {sizes.batch, sizes.heads, sizes.query_len, sizes.value_dim}, query.options());
-  outputs.logsumexp =
-      at::empty_symint({sizes.batch, sizes.heads, sizes.query_len},
+  outputs.softmax_stats =
+      at::empty_symint({sizes.batch, sizes.heads, sizes.query_len, 2},
                        query.options().dtype(accumulate_type(query.scalar_type())));
   if (need_weights && average_weights) {
     outputs.weights =

@@ -34,7 +34,7 @@ AttentionSizes check_attention_forward_args(const at::Tensor& query, const at::T
 // Validates the extra arguments of attention_backward (on top of the forward checks).
 AttentionSizes check_attention_backward_args(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+    const at::Tensor& value, const at::Tensor& output, const at::Tensor& softmax_stats,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed,
     const std::optional<at::Tensor>& grad_weights, bool average_weights);
@@ -54,7 +54,9 @@ at::Tensor empty_with_layout_of(const at::Tensor& like, c10::SymIntArrayRef size
 
 struct AttentionForwardOutputs {
   at::Tensor output;     // (batch, heads, query_len, value_dim), layout of query
-  at::Tensor logsumexp;  // (batch, heads, query_len), accumulate type
+  // (batch, heads, query_len, 2), accumulate type: per query row the offset subtracted before
+  // exponentiating and log(sum of exponentials); their sum is the row's log-sum-exp.
+  at::Tensor softmax_stats;
   at::Tensor weights;    // (batch, [heads,] query_len, key_len) if requested, else empty
 };
 

@@ -307,10 +307,10 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
   }
 
   // Head-averaged weights are averaged inside the kernel: (N, L, S) is all that is allocated.
-  auto [attn, logsumexp, weights] =
+  auto [attn, softmax_stats, weights] =
       attention_forward(q_heads, k_heads, v_heads, attn_mask, key_padding_mask, causal,
                         std::nullopt, p, seed, need_weights, average_attn_weights);
-  (void)logsumexp;
+  (void)softmax_stats;
 
   // ---- Head merge (a view: the kernel wrote the output in the query's layout) and output
   // projection.

@@ -24,11 +24,11 @@ TORCH_LIBRARY(torch_mha, m) {
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
       "Tensor? key_padding_mask=None, bool is_causal=False, float? scale=None, "
       "float dropout_p=0.0, Tensor? dropout_seed=None, bool need_weights=False, "
-      "bool average_weights=False) -> (Tensor output, Tensor logsumexp, Tensor weights)",
+      "bool average_weights=False) -> (Tensor output, Tensor softmax_stats, Tensor weights)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, "
-      "Tensor output, Tensor logsumexp, Tensor? attn_mask, Tensor? key_padding_mask, "
+      "Tensor output, Tensor softmax_stats, Tensor? attn_mask, Tensor? key_padding_mask, "
       "bool is_causal, float? scale, float dropout_p, Tensor? dropout_seed, "
       "Tensor? grad_weights, bool average_weights, bool compute_mask_grad) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask)",
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+    const at::Tensor& value, const at::Tensor& output, const at::Tensor& softmax_stats,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, std::optional<double> scale, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed, const std::optional<at::Tensor>& grad_weights,
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mha::attention_backward", "")
                        .typed<decltype(attention_backward)>();
-  return op.call(grad_output, query, key, value, output, logsumexp, attn_mask, key_padding_mask,
+  return op.call(grad_output, query, key, value, output, softmax_stats, attn_mask, key_padding_mask,
                  is_causal, scale, dropout_p, dropout_seed, grad_weights, average_weights,
                  compute_mask_grad);
 }

@@ -27,8 +27,10 @@ namespace torch_mha {
 //   dropout_p, dropout_seed: dropout on the probabilities; the seed is an int64 tensor
 //   need_weights, average_weights: also return the attention probabilities (after dropout),
 //     averaged over heads when average_weights
-// Returns (output (N, H, L, Ev), logsumexp (N, H, L), weights: (N, L, S) averaged or
-// (N, H, L, S) per head, or an empty tensor when need_weights is false).
+// Returns (output (N, H, L, Ev), softmax_stats (N, H, L, 2), weights: (N, L, S) averaged or
+// (N, H, L, S) per head, or an empty tensor when need_weights is false). softmax_stats holds
+// each query row's (offset, log of the sum): softmax_stats.sum(-1) is the row's log-sum-exp,
+// +inf for a row whose keys are all masked.
 TORCH_MHA_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask = std::nullopt,
@@ -43,7 +45,7 @@ TORCH_MHA_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
 // when compute_mask_grad is true and an empty tensor otherwise.
 TORCH_MHA_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+    const at::Tensor& value, const at::Tensor& output, const at::Tensor& softmax_stats,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, std::optional<double> scale, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed, const std::optional<at::Tensor>& grad_weights,

@@ -133,8 +133,9 @@ def multi_head_attention_forward(
         raise AssertionError(
             f"was expecting embedding dimension of {embed_dim_to_check}, but got {embed_dim}"
         )
+    # num_heads <= 0 is left to the C++ op, which raises RuntimeError as torch ends up doing.
     head_dim = embed_dim // num_heads if num_heads > 0 else 0
-    if num_heads <= 0 or head_dim * num_heads != embed_dim:
+    if num_heads > 0 and head_dim * num_heads != embed_dim:
         raise AssertionError(f"embed_dim {embed_dim} not divisible by num_heads {num_heads}")
     if use_separate_proj_weight:
         if key.shape[:-1] != value.shape[:-1]:
@@ -147,17 +148,30 @@ def multi_head_attention_forward(
                 "use_separate_proj_weight is True but q_proj_weight, k_proj_weight or "
                 "v_proj_weight is None"
             )
-        _check_weight_shape(q_proj_weight, [embed_dim, embed_dim], "query weight")
-        _check_weight_shape(k_proj_weight, [embed_dim, key.shape[-1]], "key weight")
-        _check_weight_shape(v_proj_weight, [embed_dim, value.shape[-1]], "value weight")
+        _check_weight_shape(q_proj_weight, [embed_dim, embed_dim], "q_proj_weight")
+        if k_proj_weight.shape[-1] != key.shape[-1]:
+            raise AssertionError(
+                f"key has embedding dimension {key.shape[-1]}, but k_proj_weight expects "
+                f"kdim={k_proj_weight.shape[-1]}"
+            )
+        if v_proj_weight.shape[-1] != value.shape[-1]:
+            raise AssertionError(
+                f"value has embedding dimension {value.shape[-1]}, but v_proj_weight expects "
+                f"vdim={v_proj_weight.shape[-1]}"
+            )
+        _check_weight_shape(k_proj_weight, [embed_dim, key.shape[-1]], "k_proj_weight")
+        _check_weight_shape(v_proj_weight, [embed_dim, value.shape[-1]], "v_proj_weight")
         in_proj_weight = None
     else:
         if key.shape != value.shape:
             raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
         if in_proj_weight is None:
             raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
-    if in_proj_bias is not None:
-        _check_weight_shape(in_proj_bias, [3 * embed_dim], "in_proj_bias")
+    if (bias_k is None) != (bias_v is None):
+        raise AssertionError(
+            "bias_k and bias_v must both be given or both be None, but "
+            + ("bias_v is None" if bias_v is None else "bias_k is None")
+        )
     if bias_k is not None and (static_k is not None or static_v is not None):
         raise AssertionError("bias cannot be added to static key or value.")
     if static_k is not None or static_v is not None:
@@ -166,10 +180,16 @@ def multi_head_attention_forward(
             batch = query.shape[0] if batch_first else query.shape[1]
         for static, name in ((static_k, "static_k"), (static_v, "static_v")):
             if static is not None:
-                if static.dim() != 3 or static.shape[0] != batch * num_heads:
+                if static.dim() != 3:
+                    # torch fails with IndexError here (it reads size(2)); say why.
+                    raise IndexError(
+                        f"{name} must be 3-D (batch * num_heads, src_len, head_dim), but got a "
+                        f"{static.dim()}-D tensor"
+                    )
+                if static.shape[0] != batch * num_heads:
                     raise AssertionError(
                         f"expecting {name}.size(0) of {batch * num_heads}, but got "
-                        f"{static.shape[0] if static.dim() > 0 else 0}"
+                        f"{static.shape[0]}"
                     )
                 if static.shape[2] != head_dim:
                     raise AssertionError(

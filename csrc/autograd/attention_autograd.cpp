@@ -42,15 +42,15 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                std::optional<double> scale, double dropout_p,
                                const std::optional<at::Tensor>& dropout_seed, bool need_weights,
                                bool average_weights) {
-    at::Tensor output, logsumexp, weights;
+    at::Tensor output, softmax_stats, weights;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(output, logsumexp, weights) = torch_mha::attention_forward(
+      std::tie(output, softmax_stats, weights) = torch_mha::attention_forward(
           query, key, value, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
           dropout_seed, need_weights, average_weights);
     }
-    // The weights are not saved: their gradient term is recomputed from logsumexp.
-    ctx->save_for_backward({query, key, value, output, logsumexp, value_or_undefined(attn_mask),
+    // The weights are not saved: their gradient term is recomputed from softmax_stats.
+    ctx->save_for_backward({query, key, value, output, softmax_stats, value_or_undefined(attn_mask),
                             value_or_undefined(key_padding_mask),
                             value_or_undefined(dropout_seed)});
     ctx->saved_data["is_causal"] = is_causal;
@@ -60,11 +60,11 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["average_weights"] = average_weights;
     ctx->saved_data["attn_mask_requires_grad"] = mask_requires_grad(attn_mask);
     ctx->saved_data["key_padding_mask_requires_grad"] = mask_requires_grad(key_padding_mask);
-    ctx->mark_non_differentiable({logsumexp});
+    ctx->mark_non_differentiable({softmax_stats});
     if (!need_weights) {
       ctx->mark_non_differentiable({weights});
     }
-    return {output, logsumexp, weights};
+    return {output, softmax_stats, weights};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -73,7 +73,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const at::Tensor& key = saved[1];
     const at::Tensor& value = saved[2];
     const at::Tensor& output = saved[3];
-    const at::Tensor& logsumexp = saved[4];
+    const at::Tensor& softmax_stats = saved[4];
     const std::optional<at::Tensor> attn_mask = defined_or_nullopt(saved[5]);
     const std::optional<at::Tensor> key_padding_mask = defined_or_nullopt(saved[6]);
     const std::optional<at::Tensor> dropout_seed = defined_or_nullopt(saved[7]);
@@ -88,7 +88,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
       grad_output = at::zeros_like(output);
     }
     auto [grad_query, grad_key, grad_value, grad_mask] = torch_mha::attention_backward(
-        grad_output, query, key, value, output, logsumexp, attn_mask, key_padding_mask,
+        grad_output, query, key, value, output, softmax_stats, attn_mask, key_padding_mask,
         ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
         ctx->saved_data["dropout_p"].toDouble(), dropout_seed, defined_or_nullopt(grad_weights),
         ctx->saved_data["average_weights"].toBool(), attn_mask_grad || key_padding_mask_grad);
@@ -122,14 +122,14 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
   static variable_list forward(
       AutogradContext* /*ctx*/, const at::Tensor& grad_output, const at::Tensor& query,
       const at::Tensor& key, const at::Tensor& value, const at::Tensor& output,
-      const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask,
+      const at::Tensor& softmax_stats, const std::optional<at::Tensor>& attn_mask,
       const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
       std::optional<double> scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
       const std::optional<at::Tensor>& grad_weights, bool average_weights,
       bool compute_mask_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_query, grad_key, grad_value, grad_mask] = torch_mha::attention_backward(
-        grad_output, query, key, value, output, logsumexp, attn_mask, key_padding_mask,
+        grad_output, query, key, value, output, softmax_stats, attn_mask, key_padding_mask,
         is_causal, scale, dropout_p, dropout_seed, grad_weights, average_weights,
         compute_mask_grad);
     return {grad_query, grad_key, grad_value, grad_mask};
@@ -155,13 +155,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+    const at::Tensor& value, const at::Tensor& output, const at::Tensor& softmax_stats,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, std::optional<double> scale, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed, const std::optional<at::Tensor>& grad_weights,
     bool average_weights, bool compute_mask_grad) {
   const variable_list result = AttentionBackwardFunction::apply(
-      grad_output, query, key, value, output, logsumexp, attn_mask, key_padding_mask, is_causal,
+      grad_output, query, key, value, output, softmax_stats, attn_mask, key_padding_mask, is_causal,
       scale, dropout_p, dropout_seed, grad_weights, average_weights, compute_mask_grad);
   return {result[0], result[1], result[2], result[3]};
 }

@@ -47,29 +47,27 @@ C10_HOST_DEVICE inline acc_t online_softmax_update_max(acc_t& running_max, acc_t
   return factor;
 }
 
-// Final normalisation of a row: the output is accumulator * inverse_sum, and the row's
-// log-sum-exp is stored for the backward pass. A fully masked row gets inverse_sum = 0 (zero
-// output) and logsumexp = +inf, so the backward's recomputed probabilities exp(s - lse) are all 0
-// and its gradients vanish exactly.
+// Final normalisation of a row. The row's statistics are kept as two numbers, the offset that
+// was subtracted before exponentiating (the row max) and log(sum): a probability is then
+// exp((s - offset) - log_sum). Folding them into one log-sum-exp would round log_sum away when
+// the scores are huge finite negatives (masks of -1e9 or finfo.min: every score of the row
+// rounds to the same value, and the row must come out uniform, as in torch).
+// A fully masked row gets inverse_sum = 0 (zero output) and offset = +inf, so every recomputed
+// probability is exp(-inf) = 0 and the row's gradients vanish exactly.
 template <typename acc_t>
-struct SoftmaxRowResult {
+struct SoftmaxRowStats {
   acc_t inverse_sum;
-  acc_t logsumexp;
+  acc_t offset;
+  acc_t log_sum;
 };
 
 template <typename acc_t>
-C10_HOST_DEVICE inline SoftmaxRowResult<acc_t> online_softmax_finish(acc_t running_max,
-                                                                     acc_t running_sum) {
+C10_HOST_DEVICE inline SoftmaxRowStats<acc_t> online_softmax_finish(acc_t running_max,
+                                                                    acc_t running_sum) {
   if (running_max == negative_infinity<acc_t>() || running_sum == acc_t(0)) {
-    return {acc_t(0), std::numeric_limits<acc_t>::infinity()};
+    return {acc_t(0), std::numeric_limits<acc_t>::infinity(), acc_t(0)};
   }
-  return {acc_t(1) / running_sum, running_max + static_cast<acc_t>(std::log(running_sum))};
-}
-
-// Probability of a score given its row's log-sum-exp (backward recomputation, weights output).
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t probability_from_logsumexp(acc_t score, acc_t logsumexp) {
-  return static_cast<acc_t>(std::exp(score - logsumexp));
+  return {acc_t(1) / running_sum, running_max, static_cast<acc_t>(std::log(running_sum))};
 }
 
 }  // namespace torch_mha

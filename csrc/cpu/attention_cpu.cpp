@@ -119,16 +119,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
   args.key = rows_of(key);
   args.value = rows_of(value);
   args.output = rows_of(outputs.output);
-  args.logsumexp = outputs.logsumexp.mutable_data_ptr();
+  args.softmax_stats = outputs.softmax_stats.mutable_data_ptr();
   args.weights = need_weights ? outputs.weights.mutable_data_ptr() : nullptr;
   args.average_weights = average_weights;
   kernels().forward(args);
-  return {outputs.output, outputs.logsumexp, outputs.weights};
+  return {outputs.output, outputs.softmax_stats, outputs.weights};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_output_in, const at::Tensor& query_in, const at::Tensor& key_in,
-    const at::Tensor& value_in, const at::Tensor& output_in, const at::Tensor& logsumexp_in,
+    const at::Tensor& value_in, const at::Tensor& output_in, const at::Tensor& softmax_stats_in,
     const std::optional<at::Tensor>& attn_mask_in,
     const std::optional<at::Tensor>& key_padding_mask_in, bool is_causal,
     std::optional<double> scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   const std::optional<at::Tensor> key_padding_mask = as_optional(key_padding_mask_in);
   const std::optional<at::Tensor> grad_weights = as_optional(grad_weights_in);
   const AttentionSizes sizes = check_attention_backward_args(
-      grad_output_in, query_in, key_in, value_in, output_in, logsumexp_in, attn_mask,
+      grad_output_in, query_in, key_in, value_in, output_in, softmax_stats_in, attn_mask,
       key_padding_mask, dropout_p, dropout_seed, grad_weights, average_weights);
   AttentionBackwardOutputs outputs =
       allocate_backward_outputs(query_in, key_in, value_in, sizes, compute_mask_grad);
@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   const at::Tensor value = with_unit_last_stride(value_in);
   const at::Tensor grad_output = with_unit_last_stride(grad_output_in);
   const at::Tensor output = with_unit_last_stride(output_in);
-  const at::Tensor logsumexp = logsumexp_in.contiguous();
+  const at::Tensor softmax_stats = softmax_stats_in.contiguous();
 
   BackwardKernelArgs args;
   args.problem = make_problem(query, key, value, attn_mask, key_padding_mask, is_causal, scale,
@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   args.key = rows_of(key);
   args.value = rows_of(value);
   args.output = rows_of(output);
-  args.logsumexp = logsumexp.const_data_ptr();
+  args.softmax_stats = softmax_stats.const_data_ptr();
   args.grad_weights = grad_weights_view(grad_weights, average_weights);
   args.grad_weights_scale = average_weights ? 1.0 / static_cast<double>(query.size(1)) : 1.0;
   args.grad_query = rows_of(outputs.grad_query);

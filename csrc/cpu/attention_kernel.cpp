@@ -10,7 +10,7 @@
 // masks, online softmax per query (running max m and sum l), O += P V. Memory is O(L): the L x S
 // probabilities are only written when the caller asks for the attention weights.
 //
-// Backward, per (batch, head, chunk of key blocks): recompute P^T = exp(S^T - lse) tile by tile;
+// Backward, per (batch, head, chunk of key blocks): recompute P^T from the saved row statistics;
 // dV and dK of a key block accumulate in float32 scratch across all query blocks, dQ goes to one
 // float32 partial sum per chunk, reduced in a fixed order afterwards. The number of chunks
 // depends only on the problem size, never on the thread count, so gradients are bitwise
@@ -264,32 +264,42 @@ void multiply_tiles(const acc_t* a, const acc_t* b, acc_t* out, int64_t cols, in
   }
 }
 
+// A query block's softmax statistics, split into vectors of offsets and log-sums and padded up
+// to a whole vector with (+inf, 0): padding queries get probability 0.
+template <typename acc_t>
+struct BlockStats {
+  std::vector<acc_t> offset = std::vector<acc_t>(kBlockQ);
+  std::vector<acc_t> log_sum = std::vector<acc_t>(kBlockQ);
+
+  void load(const acc_t* stats_rows, int64_t rows, int64_t padded_rows) {
+    for (int64_t i = 0; i < padded_rows; ++i) {
+      offset[i] = i < rows ? stats_rows[2 * i] : std::numeric_limits<acc_t>::infinity();
+      log_sum[i] = i < rows ? stats_rows[2 * i + 1] : acc_t(0);
+    }
+  }
+};
+
 // P^T for queries [q0, q0 + rows) against keys [k0, k0 + cols), before dropout: the tile
-// exp(S^T - lse) with the call's masks, S^T = K (scale Q)^T. qt is the query block's packed
-// (scale Q)^T; lse holds one value per (padded) query, +inf for padding.
+// exp((S^T - offset) - log_sum) with the call's masks, S^T = K (scale Q)^T. qt is the query
+// block's packed (scale Q)^T; offset and log_sum hold one value per (padded) query.
 template <typename scalar_t, typename acc_t>
 void probability_tile(const RowAccessor<const scalar_t>& k, const ScoreMasking& masking,
                       int64_t head_dim, int64_t b, int64_t h, int64_t q0, int64_t rows,
-                      int64_t padded_rows, const acc_t* qt, const acc_t* lse, int64_t k0,
-                      int64_t cols, acc_t* pt) {
+                      int64_t padded_rows, const acc_t* qt, const acc_t* offset,
+                      const acc_t* log_sum, int64_t k0, int64_t cols, acc_t* pt) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t ld = kBlockQ;
   block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0), k.stride_row, 1,
                                 qt, ld, pt, ld, /*accumulate=*/false);
   masking.apply(b, h, q0, rows, k0, cols, pt, ld);
   for (int64_t i = 0; i < padded_rows; i += Vec::size()) {
-    const Vec row_lse = Vec::loadu(lse + i);
+    const Vec row_offset = Vec::loadu(offset + i);
+    const Vec row_log_sum = Vec::loadu(log_sum + i);
     for (int64_t j = 0; j < cols; ++j) {
-      exp_vec(Vec::loadu(pt + j * ld + i) - row_lse).store(pt + j * ld + i);
+      // (s - offset) first: exact for the scores that matter, whatever their magnitude.
+      exp_vec((Vec::loadu(pt + j * ld + i) - row_offset) - row_log_sum).store(pt + j * ld + i);
     }
   }
-}
-
-// The query block's logsumexp, padded with +inf (probability 0) up to a whole vector.
-template <typename acc_t>
-void load_block_lse(const acc_t* lse_rows, int64_t rows, int64_t padded_rows, acc_t* out) {
-  std::copy(lse_rows, lse_rows + rows, out);
-  std::fill(out + rows, out + padded_rows, std::numeric_limits<acc_t>::infinity());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,7 +323,7 @@ void attention_forward_typed(const ForwardKernelArgs& args) {
   const RowAccessor<const scalar_t> k(args.key);
   const RowAccessor<const scalar_t> v(args.value);
   const RowAccessor<scalar_t> out(args.output);
-  acc_t* lse_data = static_cast<acc_t*>(args.logsumexp);
+  acc_t* stats_data = static_cast<acc_t*>(args.softmax_stats);
 
   at::parallel_for(0, pb.batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qt(head_dim * ld);         // (scale Q)^T of the query block
@@ -388,18 +398,19 @@ void attention_forward_typed(const ForwardKernelArgs& args) {
                                    /*accumulate=*/true);
       }
 
-      acc_t* lse_rows = lse_data + (b * heads + h) * query_len + q0;
+      acc_t* stats_rows = stats_data + 2 * ((b * heads + h) * query_len + q0);
       for (int64_t i = 0; i < rows; ++i) {
-        const SoftmaxRowResult<acc_t> result = online_softmax_finish(m[i], l[i]);
-        lse_rows[i] = result.logsumexp;
-        store_row(acc.data() + i * value_dim_padded, value_dim, result.inverse_sum,
+        const SoftmaxRowStats<acc_t> stats = online_softmax_finish(m[i], l[i]);
+        stats_rows[2 * i] = stats.offset;
+        stats_rows[2 * i + 1] = stats.log_sum;
+        store_row(acc.data() + i * value_dim_padded, value_dim, stats.inverse_sum,
                   out.row(b, h, q0 + i));
       }
     }
   });
 }
 
-// The attention weights, once the forward has produced the final logsumexp: recompute each
+// The attention weights, once the forward has produced the final row statistics: recompute each
 // probability tile, apply dropout, and write it, or, for head-averaged weights, sum the heads of
 // a query block in a fixed order in float32 and write the mean.
 template <typename scalar_t>
@@ -417,13 +428,14 @@ void attention_weights_typed(const ForwardKernelArgs& args) {
   const DropoutConfig dropout(pb);
   const RowAccessor<const scalar_t> q(args.query);
   const RowAccessor<const scalar_t> k(args.key);
-  const acc_t* lse_data = static_cast<const acc_t*>(args.logsumexp);
+  const acc_t* stats_data = static_cast<const acc_t*>(args.softmax_stats);
   scalar_t* weights_data = static_cast<scalar_t*>(args.weights);
   const acc_t head_weight = acc_t(1) / static_cast<acc_t>(heads_per_item);
 
   const int64_t items = pb.batch * (heads / heads_per_item) * query_blocks;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qt(head_dim * ld), pt(kBlockK * ld), lse(ld);
+    std::vector<acc_t> qt(head_dim * ld), pt(kBlockK * ld);
+    BlockStats<acc_t> stats;
     std::vector<acc_t> factors(dropout.enabled ? kBlockK * ld : 0);
     std::vector<acc_t> mean(average ? kBlockQ * key_len : 0);
     for (int64_t item = begin; item < end; ++item) {
@@ -438,14 +450,13 @@ void attention_weights_typed(const ForwardKernelArgs& args) {
       for (int64_t h = first_head; h < first_head + heads_per_item; ++h) {
         pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim,
                         static_cast<acc_t>(pb.scale), qt.data(), ld, padded_rows);
-        load_block_lse(lse_data + (b * heads + h) * query_len + q0, rows, padded_rows,
-                       lse.data());
+        stats.load(stats_data + 2 * ((b * heads + h) * query_len + q0), rows, padded_rows);
         for (int64_t k0 = 0; k0 < key_len; k0 += kBlockK) {
           const int64_t cols = std::min(kBlockK, key_len - k0);
           const bool visible = k0 < key_end;
           if (visible) {
             probability_tile(k, masking, head_dim, b, h, q0, rows, padded_rows, qt.data(),
-                             lse.data(), k0, cols, pt.data());
+                             stats.offset.data(), stats.log_sum.data(), k0, cols, pt.data());
             if (dropout.enabled) {
               dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
               multiply_tiles(pt.data(), factors.data(), pt.data(), cols, padded_rows, ld);
@@ -496,14 +507,15 @@ void add_weights_delta(const BackwardKernelArgs& args) {
   const DropoutConfig dropout(pb);
   const RowAccessor<const scalar_t> q(args.query);
   const RowAccessor<const scalar_t> k(args.key);
-  const acc_t* lse_data = static_cast<const acc_t*>(args.logsumexp);
+  const acc_t* stats_data = static_cast<const acc_t*>(args.softmax_stats);
   acc_t* delta_data = static_cast<acc_t*>(args.delta);
   const auto* grad_weights = static_cast<const scalar_t*>(args.grad_weights.data);
   const int64_t* gw_strides = args.grad_weights.strides;
   const acc_t gw_scale = static_cast<acc_t>(args.grad_weights_scale);
 
   at::parallel_for(0, pb.batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qt(head_dim * ld), pt(kBlockK * ld), lse(ld), sums(ld);
+    std::vector<acc_t> qt(head_dim * ld), pt(kBlockK * ld), sums(ld);
+    BlockStats<acc_t> stats;
     std::vector<acc_t> factors(dropout.enabled ? kBlockK * ld : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (heads * query_blocks);
@@ -516,12 +528,12 @@ void add_weights_delta(const BackwardKernelArgs& args) {
       pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim,
                       static_cast<acc_t>(pb.scale), qt.data(), ld, padded_rows);
       acc_t* delta_rows = delta_data + (b * heads + h) * query_len + q0;
-      load_block_lse(lse_data + (b * heads + h) * query_len + q0, rows, padded_rows, lse.data());
+      stats.load(stats_data + 2 * ((b * heads + h) * query_len + q0), rows, padded_rows);
       std::fill(sums.begin(), sums.end(), acc_t(0));
       for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, key_end - k0);
         probability_tile(k, masking, head_dim, b, h, q0, rows, padded_rows, qt.data(),
-                         lse.data(), k0, cols, pt.data());
+                         stats.offset.data(), stats.log_sum.data(), k0, cols, pt.data());
         if (dropout.enabled) {
           dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
           multiply_tiles(pt.data(), factors.data(), pt.data(), cols, padded_rows, ld);
@@ -571,13 +583,13 @@ void compute_softmax_delta(const BackwardKernelArgs& args) {
 }
 
 // What the backward needs of every query block of one head, packed once per (batch, head) and
-// reused by every key block: (scale Q)^T, dO^T, and lse and delta padded with values that make
-// padding queries contribute nothing.
+// reused by every key block: (scale Q)^T, dO^T, the row statistics and delta, padded with
+// values that make padding queries contribute nothing.
 template <typename scalar_t, typename acc_t>
 struct HeadPanels {
   int64_t batch = -1;
   int64_t head = -1;
-  std::vector<acc_t> qt, dot, lse, delta;
+  std::vector<acc_t> qt, dot, offset, log_sum, delta;
   std::vector<acc_t> q_rows, dout_rows;  // packed rows, only when the input can't be used
   RowsOperand<acc_t> q_operand{nullptr, 0};
   RowsOperand<acc_t> dout_operand{nullptr, 0};
@@ -592,13 +604,14 @@ struct HeadPanels {
     const int64_t query_blocks = (pb.query_len + kBlockQ - 1) / kBlockQ;
     const RowAccessor<const scalar_t> q(args.query);
     const RowAccessor<const scalar_t> dout(args.grad_output);
-    const acc_t* lse_head = static_cast<const acc_t*>(args.logsumexp) +
-                            (b * pb.heads + h) * pb.query_len;
+    const acc_t* stats_head = static_cast<const acc_t*>(args.softmax_stats) +
+                              2 * (b * pb.heads + h) * pb.query_len;
     const acc_t* delta_head = static_cast<const acc_t*>(args.delta) +
                               (b * pb.heads + h) * pb.query_len;
     scratch(qt, query_blocks * pb.head_dim * kBlockQ);
     scratch(dot, query_blocks * pb.value_dim * kBlockQ);
-    scratch(lse, query_blocks * kBlockQ);
+    scratch(offset, query_blocks * kBlockQ);
+    scratch(log_sum, query_blocks * kBlockQ);
     scratch(delta, query_blocks * kBlockQ);
     for (int64_t qb = 0; qb < query_blocks; ++qb) {
       const int64_t q0 = qb * kBlockQ;
@@ -609,9 +622,11 @@ struct HeadPanels {
       pack_transposed(dout.row(b, h, q0), dout.stride_row, rows, pb.value_dim, acc_t(1),
                       dot.data() + qb * pb.value_dim * kBlockQ, kBlockQ, kBlockQ);
       for (int64_t i = 0; i < kBlockQ; ++i) {
-        // lse = +inf makes exp(s - lse) = 0 for padding queries.
-        lse[q0 + i] = i < rows ? lse_head[q0 + i] : std::numeric_limits<acc_t>::infinity();
-        delta[q0 + i] = i < rows ? delta_head[q0 + i] : acc_t(0);
+        // (+inf, 0) makes every probability of a padding query 0.
+        const bool real = i < rows;
+        offset[q0 + i] = real ? stats_head[2 * (q0 + i)] : std::numeric_limits<acc_t>::infinity();
+        log_sum[q0 + i] = real ? stats_head[2 * (q0 + i) + 1] : acc_t(0);
+        delta[q0 + i] = real ? delta_head[q0 + i] : acc_t(0);
       }
     }
     q_operand = rows_operand(q.row(b, h, 0), q.stride_row, pb.query_len, pb.head_dim, q_rows);
@@ -686,9 +701,10 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
           const acc_t* qt = panels.qt.data() + qb * head_dim * ld;
           const acc_t* dot = panels.dot.data() + qb * value_dim * ld;
 
-          // P^T = exp(S^T - lse)
+          // P^T, recomputed
           probability_tile(k, masking, head_dim, b, h, q0, rows, padded_rows, qt,
-                           panels.lse.data() + q0, k0, cols, pt.data());
+                           panels.offset.data() + q0, panels.log_sum.data() + q0, k0, cols,
+                           pt.data());
           const acc_t* used_pt = pt.data();
           if (dropout.enabled) {
             dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);

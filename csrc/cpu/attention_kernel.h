@@ -57,7 +57,7 @@ struct ForwardKernelArgs {
   AttentionProblem problem;
   StridedRows query, key, value;
   StridedRows output;
-  void* logsumexp;  // (batch, heads, query_len) contiguous, accumulate type
+  void* softmax_stats;  // (batch, heads, query_len, 2) contiguous, accumulate type
   // Attention probabilities, contiguous: (batch, query_len, key_len) averaged over heads when
   // average_weights, else (batch, heads, query_len, key_len); nullptr when not requested.
   void* weights;
@@ -67,7 +67,7 @@ struct ForwardKernelArgs {
 struct BackwardKernelArgs {
   AttentionProblem problem;
   StridedRows grad_output, query, key, value, output;
-  const void* logsumexp;  // (batch, heads, query_len) contiguous, accumulate type
+  const void* softmax_stats;  // (batch, heads, query_len, 2) contiguous, accumulate type
   // Gradient of the returned weights, seen as (batch, head, query, key) (head stride 0 for
   // head-averaged weights); data == nullptr unless the weights were differentiated.
   Strided4d grad_weights;
