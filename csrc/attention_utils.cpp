@@ -32,10 +32,10 @@ void check_qkv(const char* op, const at::Tensor& query, const at::Tensor& key,
   TORCH_CHECK(is_supported_input_type(query.scalar_type()), op,
               ": expected query of dtype float64, float32, bfloat16 or float16, but got ",
               query.scalar_type());
-  TORCH_CHECK(key.scalar_type() == query.scalar_type() &&
-                  value.scalar_type() == query.scalar_type(),
-              op, ": expected query, key and value to have the same dtype, but got query ",
-              query.scalar_type(), ", key ", key.scalar_type(), ", value ", value.scalar_type());
+  TORCH_CHECK(
+      key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(), op,
+      ": expected query, key and value to have the same dtype, but got query ", query.scalar_type(),
+      ", key ", key.scalar_type(), ", value ", value.scalar_type());
   TORCH_CHECK(key.device() == query.device() && value.device() == query.device(), op,
               ": expected query, key and value on the same device, but got query on ",
               query.device(), ", key on ", key.device(), ", value on ", value.device());
@@ -69,8 +69,8 @@ void check_mask(const char* op, const char* name, const std::optional<at::Tensor
   TORCH_CHECK(m.device() == query.device(), op, ": expected ", name,
               " on the same device as query (", query.device(), "), but got ", m.device());
   if (is_key_padding_mask) {
-    TORCH_CHECK(m.dim() == 2 && m.sym_size(0) == sizes.batch && m.sym_size(1) == sizes.key_len,
-                op, ": expected ", name, " of shape (batch, key_len) = (", sizes.batch, ", ",
+    TORCH_CHECK(m.dim() == 2 && m.sym_size(0) == sizes.batch && m.sym_size(1) == sizes.key_len, op,
+                ": expected ", name, " of shape (batch, key_len) = (", sizes.batch, ", ",
                 sizes.key_len, "), but got shape ", m.sym_sizes());
     return;
   }
@@ -146,8 +146,7 @@ AttentionSizes check_attention_backward_args(
   check_qkv(op, query, key, value);
   const AttentionSizes sizes = sizes_of(query, key, value);
   check_mask(op, "attn_mask", attn_mask, query, /*is_key_padding_mask=*/false, sizes);
-  check_mask(op, "key_padding_mask", key_padding_mask, query, /*is_key_padding_mask=*/true,
-             sizes);
+  check_mask(op, "key_padding_mask", key_padding_mask, query, /*is_key_padding_mask=*/true, sizes);
   check_dropout(op, query, dropout_p, dropout_seed);
 
   const std::vector<c10::SymInt> out_shape = {sizes.batch, sizes.heads, sizes.query_len,
@@ -156,8 +155,8 @@ AttentionSizes check_attention_backward_args(
   check_same_shape(op, "output", output, out_shape, query);
   TORCH_CHECK(grad_output.scalar_type() == query.scalar_type() &&
                   output.scalar_type() == query.scalar_type(),
-              op, ": expected grad_output and output of dtype ", query.scalar_type(),
-              ", but got ", grad_output.scalar_type(), " and ", output.scalar_type());
+              op, ": expected grad_output and output of dtype ", query.scalar_type(), ", but got ",
+              grad_output.scalar_type(), " and ", output.scalar_type());
   check_same_shape(op, "softmax_stats", softmax_stats,
                    {sizes.batch, sizes.heads, sizes.query_len, 2}, query);
   TORCH_CHECK(softmax_stats.scalar_type() == accumulate_type(query.scalar_type()), op,
@@ -193,9 +192,8 @@ at::Tensor empty_with_layout_of(const at::Tensor& like, c10::SymIntArrayRef size
   TORCH_INTERNAL_ASSERT(like.dim() == 4 && sizes.size() == 4);
   const c10::SymIntArrayRef like_strides = like.sym_strides();
   std::array<int64_t, 3> outer_to_inner = {0, 1, 2};
-  std::stable_sort(outer_to_inner.begin(), outer_to_inner.end(), [&](int64_t a, int64_t b) {
-    return like_strides[a] > like_strides[b];
-  });
+  std::stable_sort(outer_to_inner.begin(), outer_to_inner.end(),
+                   [&](int64_t a, int64_t b) { return like_strides[a] > like_strides[b]; });
   std::vector<c10::SymInt> strides(4);
   strides[3] = 1;
   c10::SymInt extent = sizes[3];
@@ -239,8 +237,8 @@ AttentionBackwardOutputs allocate_backward_outputs(const at::Tensor& query, cons
   const at::TensorOptions mask_options =
       query.options().dtype(accumulate_type(query.scalar_type()));
   if (compute_mask_grad) {
-    outputs.grad_mask = at::zeros_symint(
-        {sizes.batch, sizes.heads, sizes.query_len, sizes.key_len}, mask_options);
+    outputs.grad_mask =
+        at::zeros_symint({sizes.batch, sizes.heads, sizes.query_len, sizes.key_len}, mask_options);
   } else {
     outputs.grad_mask = at::empty({0}, mask_options);
   }

@@ -53,11 +53,11 @@ at::Tensor empty_with_layout_of(const at::Tensor& like, c10::SymIntArrayRef size
                                 const at::TensorOptions& options);
 
 struct AttentionForwardOutputs {
-  at::Tensor output;     // (batch, heads, query_len, value_dim), layout of query
+  at::Tensor output;  // (batch, heads, query_len, value_dim), layout of query
   // (batch, heads, query_len, 2), accumulate type: per query row the offset subtracted before
   // exponentiating and log(sum of exponentials); their sum is the row's log-sum-exp.
   at::Tensor softmax_stats;
-  at::Tensor weights;    // (batch, [heads,] query_len, key_len) if requested, else empty
+  at::Tensor weights;  // (batch, [heads,] query_len, key_len) if requested, else empty
 };
 
 AttentionForwardOutputs allocate_forward_outputs(const at::Tensor& query,

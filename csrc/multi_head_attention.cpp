@@ -19,7 +19,9 @@ namespace {
 
 constexpr const char* kOp = "torch_mha.multi_head_attention";
 
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+bool present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
 
 void check_same_dtype_and_device(const char* name, const std::optional<at::Tensor>& t,
                                  const at::Tensor& query) {
@@ -33,8 +35,7 @@ void check_same_dtype_and_device(const char* name, const std::optional<at::Tenso
               " on the same device as query (", query.device(), "), but got ", t->device());
 }
 
-void check_shape(const char* name, const std::optional<at::Tensor>& t,
-                 at::IntArrayRef expected) {
+void check_shape(const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef expected) {
   if (!present(t)) {
     return;
   }
@@ -51,8 +52,7 @@ void check_mask_dtype_and_device(const char* name, const std::optional<at::Tenso
               ": only bool and floating types of ", name, " are supported, but got ",
               mask->scalar_type());
   TORCH_CHECK(mask->device() == query.device(), kOp, ": expected ", name,
-              " on the same device as query (", query.device(), "), but got ",
-              mask->device());
+              " on the same device as query (", query.device(), "), but got ", mask->device());
 }
 
 // Appends one never-masked key column, for add_bias_kv and add_zero_attn.
@@ -70,20 +70,19 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
     const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p,
     const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
     bool training, const std::optional<at::Tensor>& key_padding_mask_in, bool need_weights,
-    const std::optional<at::Tensor>& attn_mask_in,
-    const std::optional<at::Tensor>& q_proj_weight,
-    const std::optional<at::Tensor>& k_proj_weight,
-    const std::optional<at::Tensor>& v_proj_weight, const std::optional<at::Tensor>& static_k,
-    const std::optional<at::Tensor>& static_v, bool average_attn_weights, bool is_causal,
-    bool batch_first) {
+    const std::optional<at::Tensor>& attn_mask_in, const std::optional<at::Tensor>& q_proj_weight,
+    const std::optional<at::Tensor>& k_proj_weight, const std::optional<at::Tensor>& v_proj_weight,
+    const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
+    bool average_attn_weights, bool is_causal, bool batch_first) {
   // ---- Shapes of the inputs, as torch.nn.MultiheadAttention accepts them.
   TORCH_CHECK(query.dim() == 3 || query.dim() == 2, kOp,
               ": query should be unbatched 2D or batched 3D tensor but received ", query.dim(),
               "-D query tensor");
   const bool is_batched = query.dim() == 3;
   TORCH_CHECK(key.dim() == query.dim() && value.dim() == query.dim(), kOp, ": for ",
-              is_batched ? "batched (3-D)" : "unbatched (2-D)", " query, expected key and value to be ",
-              query.dim(), "-D, but found ", key.dim(), "-D and ", value.dim(), "-D tensors");
+              is_batched ? "batched (3-D)" : "unbatched (2-D)",
+              " query, expected key and value to be ", query.dim(), "-D, but found ", key.dim(),
+              "-D and ", value.dim(), "-D tensors");
   if (present(key_padding_mask_in)) {
     TORCH_CHECK(key_padding_mask_in->dim() == query.dim() - 1, kOp, ": for ",
                 is_batched ? "batched (3-D)" : "unbatched (2-D)",
@@ -249,9 +248,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
 
   // ---- Learned key/value biases: one extra position at the end of the sequence.
   if (present(bias_k)) {
-    const std::vector<int64_t> bias_shape =
-        batch_major ? std::vector<int64_t>{batch, 1, embed_dim}
-                    : std::vector<int64_t>{1, batch, embed_dim};
+    const std::vector<int64_t> bias_shape = batch_major ? std::vector<int64_t>{batch, 1, embed_dim}
+                                                        : std::vector<int64_t>{1, batch, embed_dim};
     k = at::cat({k, bias_k->expand(bias_shape)}, seq_dim);
     v = at::cat({v, bias_v->expand(bias_shape)}, seq_dim);
     attn_mask = pad_mask(attn_mask);
@@ -273,8 +271,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
   at::Tensor k_heads = present(static_k) ? static_heads("static_k", *static_k) : split_heads(k);
   at::Tensor v_heads = present(static_v) ? static_heads("static_v", *static_v) : split_heads(v);
   TORCH_CHECK(k_heads.size(2) == v_heads.size(2), kOp,
-              ": keys and values have different lengths after static_k/static_v: ",
-              k_heads.size(2), " and ", v_heads.size(2));
+              ": keys and values have different lengths after static_k/static_v: ", k_heads.size(2),
+              " and ", v_heads.size(2));
 
   // ---- A zero key/value position, appended after the head split.
   if (add_zero_attn) {
@@ -302,8 +300,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
   const double p = training ? dropout_p : 0.0;
   std::optional<at::Tensor> seed;
   if (p > 0.0) {
-    seed = at::randint(std::numeric_limits<int64_t>::max(), {1},
-                       q_heads.options().dtype(at::kLong));
+    seed =
+        at::randint(std::numeric_limits<int64_t>::max(), {1}, q_heads.options().dtype(at::kLong));
   }
 
   // Head-averaged weights are averaged inside the kernel: (N, L, S) is all that is allocated.

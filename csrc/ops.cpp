@@ -83,18 +83,16 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
     bool training, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& q_proj_weight,
-    const std::optional<at::Tensor>& k_proj_weight,
-    const std::optional<at::Tensor>& v_proj_weight, const std::optional<at::Tensor>& static_k,
-    const std::optional<at::Tensor>& static_v, bool average_attn_weights, bool is_causal,
-    bool batch_first) {
+    const std::optional<at::Tensor>& k_proj_weight, const std::optional<at::Tensor>& v_proj_weight,
+    const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
+    bool average_attn_weights, bool is_causal, bool batch_first) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mha::multi_head_attention", "")
                        .typed<decltype(multi_head_attention)>();
   return op.call(query, key, value, embed_dim, num_heads, in_proj_weight, in_proj_bias, bias_k,
                  bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training,
                  key_padding_mask, need_weights, attn_mask, q_proj_weight, k_proj_weight,
-                 v_proj_weight, static_k, static_v, average_attn_weights, is_causal,
-                 batch_first);
+                 v_proj_weight, static_k, static_v, average_attn_weights, is_causal, batch_first);
 }
 
 int64_t cuda_version() {

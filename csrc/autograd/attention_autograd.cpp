@@ -35,9 +35,8 @@ bool mask_requires_grad(const std::optional<at::Tensor>& mask) {
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& query,
-                               const at::Tensor& key, const at::Tensor& value,
-                               const std::optional<at::Tensor>& attn_mask,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
                                std::optional<double> scale, double dropout_p,
                                const std::optional<at::Tensor>& dropout_seed, bool need_weights,
@@ -46,8 +45,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(output, softmax_stats, weights) = torch_mha::attention_forward(
-          query, key, value, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
-          dropout_seed, need_weights, average_weights);
+          query, key, value, attn_mask, key_padding_mask, is_causal, scale, dropout_p, dropout_seed,
+          need_weights, average_weights);
     }
     // The weights are not saved: their gradient term is recomputed from softmax_stats.
     ctx->save_for_backward({query, key, value, output, softmax_stats, value_or_undefined(attn_mask),
@@ -79,8 +78,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const std::optional<at::Tensor> dropout_seed = defined_or_nullopt(saved[7]);
     const bool need_weights = ctx->saved_data["need_weights"].toBool();
     const bool attn_mask_grad = ctx->saved_data["attn_mask_requires_grad"].toBool();
-    const bool key_padding_mask_grad =
-        ctx->saved_data["key_padding_mask_requires_grad"].toBool();
+    const bool key_padding_mask_grad = ctx->saved_data["key_padding_mask_requires_grad"].toBool();
 
     at::Tensor grad_output = grad_outputs[0];
     at::Tensor grad_weights = need_weights ? grad_outputs[2] : at::Tensor();
@@ -102,16 +100,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
           reduce_mask_grad(grad_mask, *key_padding_mask, /*is_key_padding_mask=*/true);
     }
     // One entry per forward argument; non-tensor arguments get undefined gradients.
-    return {grad_query,
-            grad_key,
-            grad_value,
-            grad_attn_mask,
-            grad_key_padding_mask,
-            at::Tensor(),
-            at::Tensor(),
-            at::Tensor(),
-            at::Tensor(),
-            at::Tensor(),
+    return {grad_query,   grad_key,     grad_value,   grad_attn_mask, grad_key_padding_mask,
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),   at::Tensor(),
             at::Tensor()};
   }
 };
@@ -125,8 +115,7 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
       const at::Tensor& softmax_stats, const std::optional<at::Tensor>& attn_mask,
       const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
       std::optional<double> scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-      const std::optional<at::Tensor>& grad_weights, bool average_weights,
-      bool compute_mask_grad) {
+      const std::optional<at::Tensor>& grad_weights, bool average_weights, bool compute_mask_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_query, grad_key, grad_value, grad_mask] = torch_mha::attention_backward(
         grad_output, query, key, value, output, softmax_stats, attn_mask, key_padding_mask,

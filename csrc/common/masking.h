@@ -69,7 +69,9 @@ C10_HOST_DEVICE inline acc_t mask_bias_at(const MaskView& mask, int64_t offset) 
 
 // Causal masking is top-left aligned, as in F.scaled_dot_product_attention: query i may attend
 // to keys 0..i.
-C10_HOST_DEVICE inline bool causal_masked_out(int64_t query, int64_t key) { return key > query; }
+C10_HOST_DEVICE inline bool causal_masked_out(int64_t query, int64_t key) {
+  return key > query;
+}
 
 // Number of leading keys that query rows [0, last_query] may attend to under the causal rule.
 C10_HOST_DEVICE inline int64_t causal_key_limit(int64_t last_query, int64_t num_keys) {

@@ -73,8 +73,7 @@ Strided4d grad_weights_view(const std::optional<at::Tensor>& t, bool average_wei
 }
 
 AttentionProblem make_problem(const at::Tensor& query, const at::Tensor& key,
-                              const at::Tensor& value,
-                              const std::optional<at::Tensor>& attn_mask,
+                              const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                               const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
                               std::optional<double> scale, double dropout_p,
                               const std::optional<at::Tensor>& dropout_seed) {
@@ -205,6 +204,8 @@ TORCH_LIBRARY_IMPL(torch_mha, CPU, m) {
 
 }  // namespace cpu
 
-std::string cpu_capability() { return cpu::kernels().isa; }
+std::string cpu_capability() {
+  return cpu::kernels().isa;
+}
 
 }  // namespace torch_mha

@@ -142,8 +142,8 @@ at::vec::Vectorized<acc_t> exp_vec(const at::vec::Vectorized<acc_t>& x) {
 // ---- Masks on a transposed tile: st[j * ld + i] is (key k0 + j, query q0 + i).
 
 template <typename acc_t, typename mask_t>
-void add_mask_transposed(const mask_t* mask, int64_t stride_query, int64_t stride_key,
-                         int64_t rows, int64_t cols, acc_t* st, int64_t ld) {
+void add_mask_transposed(const mask_t* mask, int64_t stride_query, int64_t stride_key, int64_t rows,
+                         int64_t cols, acc_t* st, int64_t ld) {
   using Vec = at::vec::Vectorized<acc_t>;
   if (stride_query == 0) {
     // The same value for every query (key padding masks, (N, 1, 1, S) biases): one broadcast
@@ -172,8 +172,7 @@ void apply_mask(const MaskView& mask, int64_t batch, int64_t head, int64_t q0, i
   const int64_t sq = mask.stride_query, sk = mask.stride_key;
   switch (mask.kind) {
     case MaskKind::kBool:
-      add_mask_transposed(static_cast<const bool*>(mask.data) + offset, sq, sk, rows, cols, st,
-                          ld);
+      add_mask_transposed(static_cast<const bool*>(mask.data) + offset, sq, sk, rows, cols, st, ld);
       break;
     case MaskKind::kFloat:
       add_mask_transposed(static_cast<const float*>(mask.data) + offset, sq, sk, rows, cols, st,
@@ -184,12 +183,12 @@ void apply_mask(const MaskView& mask, int64_t batch, int64_t head, int64_t q0, i
                           ld);
       break;
     case MaskKind::kBFloat16:
-      add_mask_transposed(static_cast<const c10::BFloat16*>(mask.data) + offset, sq, sk, rows,
-                          cols, st, ld);
+      add_mask_transposed(static_cast<const c10::BFloat16*>(mask.data) + offset, sq, sk, rows, cols,
+                          st, ld);
       break;
     case MaskKind::kHalf:
-      add_mask_transposed(static_cast<const c10::Half*>(mask.data) + offset, sq, sk, rows, cols,
-                          st, ld);
+      add_mask_transposed(static_cast<const c10::Half*>(mask.data) + offset, sq, sk, rows, cols, st,
+                          ld);
       break;
     case MaskKind::kNone:
       break;
@@ -239,12 +238,12 @@ struct DropoutConfig {
   // factors[j * ld + i] = (keep ? 1/(1-p) : 0) for queries q0 + i (i < rows) and keys k0 + j
   // (j < cols): the transposed tile of the mask the shared generator defines row by row.
   template <typename acc_t>
-  void tile_factors(int64_t batch, int64_t head, int64_t q0, int64_t rows, int64_t k0,
-                    int64_t cols, acc_t* factors, int64_t ld) const {
+  void tile_factors(int64_t batch, int64_t head, int64_t q0, int64_t rows, int64_t k0, int64_t cols,
+                    acc_t* factors, int64_t ld) const {
     const acc_t kept = static_cast<acc_t>(keep_scale);
     for (int64_t i = 0; i < rows; ++i) {
-      DropoutRowGenerator generator(
-          seed, dropout_row_id(batch, head, q0 + i, heads, query_len), k0, threshold);
+      DropoutRowGenerator generator(seed, dropout_row_id(batch, head, q0 + i, heads, query_len), k0,
+                                    threshold);
       for (int64_t j = 0; j < cols; ++j) {
         factors[j * ld + i] = generator.next_keep() ? kept : acc_t(0);
       }
@@ -263,6 +262,21 @@ void multiply_tiles(const acc_t* a, const acc_t* b, acc_t* out, int64_t cols, in
     }
   }
 }
+
+// The rows of one query block and the keys they may see (all of them, or under the causal
+// rule those up to the block's last query).
+struct QueryBlock {
+  int64_t q0;
+  int64_t rows;
+  int64_t padded_rows;  // rounded up to whole vectors
+  int64_t key_end;
+
+  QueryBlock(const AttentionProblem& pb, int64_t index, int64_t width)
+      : q0(index * kBlockQ),
+        rows(std::min(kBlockQ, pb.query_len - q0)),
+        padded_rows(round_up(rows, width)),
+        key_end(pb.is_causal ? causal_key_limit(q0 + rows - 1, pb.key_len) : pb.key_len) {}
+};
 
 // A query block's softmax statistics, split into vectors of offsets and log-sums and padded up
 // to a whole vector with (+inf, 0): padding queries get probability 0.
@@ -289,8 +303,8 @@ void probability_tile(const RowAccessor<const scalar_t>& k, const ScoreMasking& 
                       const acc_t* log_sum, int64_t k0, int64_t cols, acc_t* pt) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t ld = kBlockQ;
-  block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0), k.stride_row, 1,
-                                qt, ld, pt, ld, /*accumulate=*/false);
+  block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0), k.stride_row, 1, qt,
+                                ld, pt, ld, /*accumulate=*/false);
   masking.apply(b, h, q0, rows, k0, cols, pt, ld);
   for (int64_t i = 0; i < padded_rows; i += Vec::size()) {
     const Vec row_offset = Vec::loadu(offset + i);
@@ -312,8 +326,8 @@ void attention_forward_typed(const ForwardKernelArgs& args) {
   constexpr int64_t kWidth = Vec::size();
   constexpr int64_t ld = kBlockQ;  // leading dimension of every transposed tile
   const AttentionProblem& pb = args.problem;
-  const int64_t heads = pb.heads, query_len = pb.query_len, key_len = pb.key_len,
-                head_dim = pb.head_dim, value_dim = pb.value_dim;
+  const int64_t heads = pb.heads, query_len = pb.query_len, head_dim = pb.head_dim,
+                value_dim = pb.value_dim;
   const int64_t value_dim_padded = round_up(value_dim, kWidth);
   const int64_t query_blocks = (query_len + kBlockQ - 1) / kBlockQ;
   const ScoreMasking masking{pb.attn_mask, pb.key_padding_mask, pb.is_causal};
@@ -326,8 +340,8 @@ void attention_forward_typed(const ForwardKernelArgs& args) {
   acc_t* stats_data = static_cast<acc_t*>(args.softmax_stats);
 
   at::parallel_for(0, pb.batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qt(head_dim * ld);         // (scale Q)^T of the query block
-    std::vector<acc_t> st(kBlockK * ld);          // S^T, then P^T
+    std::vector<acc_t> qt(head_dim * ld);  // (scale Q)^T of the query block
+    std::vector<acc_t> st(kBlockK * ld);   // S^T, then P^T
     std::vector<acc_t> factors(dropout.enabled ? kBlockK * ld : 0);
     std::vector<acc_t> acc(kBlockQ * value_dim_padded);
     std::vector<acc_t> v_buffer;
@@ -337,23 +351,19 @@ void attention_forward_typed(const ForwardKernelArgs& args) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (heads * query_blocks);
       const int64_t h = (item / query_blocks) % heads;
-      const int64_t q0 = (item % query_blocks) * kBlockQ;
-      const int64_t rows = std::min(kBlockQ, query_len - q0);
-      const int64_t padded_rows = round_up(rows, kWidth);
-      // Under the causal rule the last query of this block sees keys [0, q0 + rows).
-      const int64_t key_end =
-          masking.is_causal ? causal_key_limit(q0 + rows - 1, key_len) : key_len;
+      const QueryBlock block(pb, item % query_blocks, kWidth);
+      const int64_t q0 = block.q0, rows = block.rows, padded_rows = block.padded_rows;
 
-      pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim,
-                      static_cast<acc_t>(pb.scale), qt.data(), ld, padded_rows);
+      pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim, static_cast<acc_t>(pb.scale),
+                      qt.data(), ld, padded_rows);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), negative_infinity<acc_t>());
       std::fill(l.begin(), l.end(), acc_t(0));
 
-      for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, key_end - k0);
-        block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0), k.stride_row,
-                                      1, qt.data(), ld, st.data(), ld, /*accumulate=*/false);
+      for (int64_t k0 = 0; k0 < block.key_end; k0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, block.key_end - k0);
+        block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, k.row(b, h, k0), k.stride_row, 1,
+                                      qt.data(), ld, st.data(), ld, /*accumulate=*/false);
         masking.apply(b, h, q0, rows, k0, cols, st.data(), ld);
 
         // Online softmax, every step element-wise over the block's queries.
@@ -441,19 +451,16 @@ void attention_weights_typed(const ForwardKernelArgs& args) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / ((heads / heads_per_item) * query_blocks);
       const int64_t first_head = (item / query_blocks) % (heads / heads_per_item) * heads_per_item;
-      const int64_t q0 = (item % query_blocks) * kBlockQ;
-      const int64_t rows = std::min(kBlockQ, query_len - q0);
-      const int64_t padded_rows = round_up(rows, kWidth);
-      const int64_t key_end =
-          masking.is_causal ? causal_key_limit(q0 + rows - 1, key_len) : key_len;
+      const QueryBlock block(pb, item % query_blocks, kWidth);
+      const int64_t q0 = block.q0, rows = block.rows, padded_rows = block.padded_rows;
       std::fill(mean.begin(), mean.end(), acc_t(0));
       for (int64_t h = first_head; h < first_head + heads_per_item; ++h) {
-        pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim,
-                        static_cast<acc_t>(pb.scale), qt.data(), ld, padded_rows);
+        pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim, static_cast<acc_t>(pb.scale),
+                        qt.data(), ld, padded_rows);
         stats.load(stats_data + 2 * ((b * heads + h) * query_len + q0), rows, padded_rows);
         for (int64_t k0 = 0; k0 < key_len; k0 += kBlockK) {
           const int64_t cols = std::min(kBlockK, key_len - k0);
-          const bool visible = k0 < key_end;
+          const bool visible = k0 < block.key_end;
           if (visible) {
             probability_tile(k, masking, head_dim, b, h, q0, rows, padded_rows, qt.data(),
                              stats.offset.data(), stats.log_sum.data(), k0, cols, pt.data());
@@ -500,8 +507,7 @@ void add_weights_delta(const BackwardKernelArgs& args) {
   constexpr int64_t kWidth = vector_width<acc_t>();
   constexpr int64_t ld = kBlockQ;
   const AttentionProblem& pb = args.problem;
-  const int64_t heads = pb.heads, query_len = pb.query_len, key_len = pb.key_len,
-                head_dim = pb.head_dim;
+  const int64_t heads = pb.heads, query_len = pb.query_len, head_dim = pb.head_dim;
   const int64_t query_blocks = (query_len + kBlockQ - 1) / kBlockQ;
   const ScoreMasking masking{pb.attn_mask, pb.key_padding_mask, pb.is_causal};
   const DropoutConfig dropout(pb);
@@ -520,18 +526,15 @@ void add_weights_delta(const BackwardKernelArgs& args) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (heads * query_blocks);
       const int64_t h = (item / query_blocks) % heads;
-      const int64_t q0 = (item % query_blocks) * kBlockQ;
-      const int64_t rows = std::min(kBlockQ, query_len - q0);
-      const int64_t padded_rows = round_up(rows, kWidth);
-      const int64_t key_end =
-          masking.is_causal ? causal_key_limit(q0 + rows - 1, key_len) : key_len;
-      pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim,
-                      static_cast<acc_t>(pb.scale), qt.data(), ld, padded_rows);
+      const QueryBlock block(pb, item % query_blocks, kWidth);
+      const int64_t q0 = block.q0, rows = block.rows, padded_rows = block.padded_rows;
+      pack_transposed(q.row(b, h, q0), q.stride_row, rows, head_dim, static_cast<acc_t>(pb.scale),
+                      qt.data(), ld, padded_rows);
       acc_t* delta_rows = delta_data + (b * heads + h) * query_len + q0;
       stats.load(stats_data + 2 * ((b * heads + h) * query_len + q0), rows, padded_rows);
       std::fill(sums.begin(), sums.end(), acc_t(0));
-      for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, key_end - k0);
+      for (int64_t k0 = 0; k0 < block.key_end; k0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, block.key_end - k0);
         probability_tile(k, masking, head_dim, b, h, q0, rows, padded_rows, qt.data(),
                          stats.offset.data(), stats.log_sum.data(), k0, cols, pt.data());
         if (dropout.enabled) {
@@ -604,10 +607,10 @@ struct HeadPanels {
     const int64_t query_blocks = (pb.query_len + kBlockQ - 1) / kBlockQ;
     const RowAccessor<const scalar_t> q(args.query);
     const RowAccessor<const scalar_t> dout(args.grad_output);
-    const acc_t* stats_head = static_cast<const acc_t*>(args.softmax_stats) +
-                              2 * (b * pb.heads + h) * pb.query_len;
-    const acc_t* delta_head = static_cast<const acc_t*>(args.delta) +
-                              (b * pb.heads + h) * pb.query_len;
+    const acc_t* stats_head =
+        static_cast<const acc_t*>(args.softmax_stats) + 2 * (b * pb.heads + h) * pb.query_len;
+    const acc_t* delta_head =
+        static_cast<const acc_t*>(args.delta) + (b * pb.heads + h) * pb.query_len;
     scratch(qt, query_blocks * pb.head_dim * kBlockQ);
     scratch(dot, query_blocks * pb.value_dim * kBlockQ);
     scratch(offset, query_blocks * kBlockQ);
@@ -617,8 +620,8 @@ struct HeadPanels {
       const int64_t q0 = qb * kBlockQ;
       const int64_t rows = std::min(kBlockQ, pb.query_len - q0);
       pack_transposed(q.row(b, h, q0), q.stride_row, rows, pb.head_dim,
-                      static_cast<acc_t>(pb.scale), qt.data() + qb * pb.head_dim * kBlockQ,
-                      kBlockQ, kBlockQ);
+                      static_cast<acc_t>(pb.scale), qt.data() + qb * pb.head_dim * kBlockQ, kBlockQ,
+                      kBlockQ);
       pack_transposed(dout.row(b, h, q0), dout.stride_row, rows, pb.value_dim, acc_t(1),
                       dot.data() + qb * pb.value_dim * kBlockQ, kBlockQ, kBlockQ);
       for (int64_t i = 0; i < kBlockQ; ++i) {
@@ -684,8 +687,7 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
       panels.prepare(args, b, h);
       acc_t* dq_head = dq_partials_data + ((chunk * pb.batch + b) * heads + h) * dq_head_stride;
 
-      for (int64_t kb = chunk * key_blocks / chunks; kb < (chunk + 1) * key_blocks / chunks;
-           ++kb) {
+      for (int64_t kb = chunk * key_blocks / chunks; kb < (chunk + 1) * key_blocks / chunks; ++kb) {
         const int64_t k0 = kb * kBlockK;
         const int64_t cols = std::min(kBlockK, key_len - k0);
         const RowsOperand<acc_t> keys =
@@ -695,9 +697,8 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
 
         // Causal: queries before k0 see none of these keys.
         for (int64_t qb = masking.is_causal ? k0 / kBlockQ : 0; qb < query_blocks; ++qb) {
-          const int64_t q0 = qb * kBlockQ;
-          const int64_t rows = std::min(kBlockQ, query_len - q0);
-          const int64_t padded_rows = round_up(rows, kWidth);
+          const QueryBlock block(pb, qb, kWidth);
+          const int64_t q0 = block.q0, rows = block.rows, padded_rows = block.padded_rows;
           const acc_t* qt = panels.qt.data() + qb * head_dim * ld;
           const acc_t* dot = panels.dot.data() + qb * value_dim * ld;
 
@@ -713,14 +714,14 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
           }
 
           // dV += P_dropped^T dO
-          block_matmul<acc_t, acc_t>(
-              cols, value_dim_padded, rows, used_pt, ld, 1,
-              panels.dout_operand.data + q0 * panels.dout_operand.ld, panels.dout_operand.ld,
-              dv_acc.data(), value_dim_padded, /*accumulate=*/true);
+          block_matmul<acc_t, acc_t>(cols, value_dim_padded, rows, used_pt, ld, 1,
+                                     panels.dout_operand.data + q0 * panels.dout_operand.ld,
+                                     panels.dout_operand.ld, dv_acc.data(), value_dim_padded,
+                                     /*accumulate=*/true);
 
           // dP^T = V dO^T (+ dW^T), times the dropout factors
-          block_matmul<acc_t, scalar_t>(cols, padded_rows, value_dim, v.row(b, h, k0),
-                                        v.stride_row, 1, dot, ld, dst.data(), ld,
+          block_matmul<acc_t, scalar_t>(cols, padded_rows, value_dim, v.row(b, h, k0), v.stride_row,
+                                        1, dot, ld, dst.data(), ld,
                                         /*accumulate=*/false);
           if (grad_weights_data != nullptr) {
             for (int64_t i = 0; i < rows; ++i) {
@@ -753,10 +754,10 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
           }
 
           // dK += dS^T Q (scaled when stored), dQ += dS K (scaled when reduced)
-          block_matmul<acc_t, acc_t>(
-              cols, head_dim_padded, rows, dst.data(), ld, 1,
-              panels.q_operand.data + q0 * panels.q_operand.ld, panels.q_operand.ld,
-              dk_acc.data(), head_dim_padded, /*accumulate=*/true);
+          block_matmul<acc_t, acc_t>(cols, head_dim_padded, rows, dst.data(), ld, 1,
+                                     panels.q_operand.data + q0 * panels.q_operand.ld,
+                                     panels.q_operand.ld, dk_acc.data(), head_dim_padded,
+                                     /*accumulate=*/true);
           block_matmul<acc_t, acc_t>(rows, head_dim_padded, cols, dst.data(), 1, ld, keys.data,
                                      keys.ld, dq_head + q0 * dq_row_stride, dq_row_stride,
                                      /*accumulate=*/true);
@@ -796,8 +797,7 @@ void attention_backward_typed(const BackwardKernelArgs& args) {
 
 void attention_forward_kernel(const ForwardKernelArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.problem.dtype,
-                                  "attention_forward_cpu",
-                                  [&] {
+                                  "attention_forward_cpu", [&] {
                                     attention_forward_typed<scalar_t>(args);
                                     if (args.weights != nullptr) {
                                       attention_weights_typed<scalar_t>(args);

@@ -89,9 +89,9 @@ int64_t backward_dq_chunks(int64_t batch_heads, int64_t key_len);
 // dQ partial rows are padded to this many elements (a whole number of vectors on every ISA).
 int64_t backward_dq_row_stride(int64_t head_dim);
 
-#define TORCH_MHA_DECLARE_CPU_KERNELS(isa)                   \
-  namespace isa {                                            \
-  void attention_forward_kernel(const ForwardKernelArgs& args);  \
+#define TORCH_MHA_DECLARE_CPU_KERNELS(isa)                        \
+  namespace isa {                                                 \
+  void attention_forward_kernel(const ForwardKernelArgs& args);   \
   void attention_backward_kernel(const BackwardKernelArgs& args); \
   }
 

@@ -31,9 +31,8 @@ inline int64_t round_up(int64_t value, int64_t multiple) {
 
 // A register tile of kRows x kVecs vectors of C, accumulated over k.
 template <typename T, typename AT, int kRows, int kVecs>
-inline void matmul_register_tile(int64_t k, const AT* a, int64_t a_row_stride,
-                                 int64_t a_col_stride, const T* b, int64_t ldb, T* c,
-                                 int64_t ldc, bool accumulate) {
+inline void matmul_register_tile(int64_t k, const AT* a, int64_t a_row_stride, int64_t a_col_stride,
+                                 const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t kWidth = Vec::size();
   Vec acc[kRows][kVecs];
@@ -79,8 +78,8 @@ inline void matmul_row_panel(int64_t n, int64_t k, const AT* a, int64_t a_row_st
                                               c + col, ldc, accumulate);
   }
   for (; col < n; col += kWidth) {
-    matmul_register_tile<T, AT, kRows, 1>(k, a, a_row_stride, a_col_stride, b + col, ldb,
-                                          c + col, ldc, accumulate);
+    matmul_register_tile<T, AT, kRows, 1>(k, a, a_row_stride, a_col_stride, b + col, ldb, c + col,
+                                          ldc, accumulate);
   }
 }
 
@@ -93,8 +92,8 @@ void block_matmul(int64_t m, int64_t n, int64_t k, const AT* a, int64_t a_row_st
   constexpr int kRows = 4;
   int64_t row = 0;
   for (; row + kRows <= m; row += kRows) {
-    matmul_row_panel<T, AT, kRows>(n, k, a + row * a_row_stride, a_row_stride, a_col_stride, b,
-                                   ldb, c + row * ldc, ldc, accumulate);
+    matmul_row_panel<T, AT, kRows>(n, k, a + row * a_row_stride, a_row_stride, a_col_stride, b, ldb,
+                                   c + row * ldc, ldc, accumulate);
   }
   const AT* a_tail = a + row * a_row_stride;
   T* c_tail = c + row * ldc;
