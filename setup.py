@@ -136,13 +136,17 @@ def make_extension():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         define_macros.append(("WITH_CUDA", None))
-        extra_compile_args["nvcc"] = OPTIMIZE + [
-            "-std=c++17",
-            "--expt-relaxed-constexpr",
-            "-DTORCH_MHA_BUILD_LIBRARY",
-            "--threads",
-            "2",
-        ] + shlex.split(os.environ.get("NVCC_FLAGS", ""))
+        extra_compile_args["nvcc"] = (
+            OPTIMIZE
+            + [
+                "-std=c++17",
+                "--expt-relaxed-constexpr",
+                "-DTORCH_MHA_BUILD_LIBRARY",
+                "--threads",
+                "2",
+            ]
+            + shlex.split(os.environ.get("NVCC_FLAGS", ""))
+        )
         extension = CUDAExtension
     else:
         extension = CppExtension

@@ -14,8 +14,9 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
-import torch_mha
 from torch import Tensor, nn
+
+import torch_mha
 
 
 def make_pair(args: argparse.Namespace, dtype: torch.dtype) -> Tuple[nn.Module, nn.Module]:
@@ -50,8 +51,10 @@ def forward_backward(
 
 def accuracy(args: argparse.Namespace) -> None:
     print("Accuracy: largest absolute difference from nn.MultiheadAttention (same weights)")
-    print(f"{'dtype':>8} {'need_weights':>12} {'causal':>6} {'output':>10} {'weights':>10} "
-          f"{'max grad':>10}")
+    print(
+        f"{'dtype':>8} {'need_weights':>12} {'causal':>6} {'output':>10} {'weights':>10} "
+        f"{'max grad':>10}"
+    )
     for dtype in (torch.float64, torch.float32):
         reference, ours = make_pair(args, dtype)
         x = torch.randn(args.batch, args.length, args.embed, dtype=dtype)
@@ -62,8 +65,10 @@ def accuracy(args: argparse.Namespace) -> None:
                 diffs = [(a - b).abs().max().item() for a, b in zip(ref_values, our_values)]
                 grad_diff = max((a - b).abs().max().item() for a, b in zip(ref_grads, our_grads))
                 weights = f"{diffs[1]:10.2e}" if need_weights else f"{'-':>10}"
-                print(f"{str(dtype).replace('torch.', ''):>8} {str(need_weights):>12} "
-                      f"{str(causal):>6} {diffs[0]:10.2e} {weights} {grad_diff:10.2e}")
+                print(
+                    f"{str(dtype).replace('torch.', ''):>8} {str(need_weights):>12} "
+                    f"{str(causal):>6} {diffs[0]:10.2e} {weights} {grad_diff:10.2e}"
+                )
 
 
 def median_times(
@@ -85,15 +90,20 @@ def median_times(
 def speed(args: argparse.Namespace) -> None:
     reference, ours = make_pair(args, torch.float32)
     x = torch.randn(args.batch, args.length, args.embed)
-    print(f"\nSpeed: float32, batch {args.batch}, length {args.length}, embed {args.embed}, "
-          f"{args.heads} heads, {torch.get_num_threads()} threads; median of {args.repeats}")
-    print(f"{'mode':>26} {'need_weights':>12} {'nn (ms)':>9} {'torch_mha (ms)':>15} "
-          f"{'speed-up':>9}")
+    print(
+        f"\nSpeed: float32, batch {args.batch}, length {args.length}, embed {args.embed}, "
+        f"{args.heads} heads, {torch.get_num_threads()} threads; median of {args.repeats}"
+    )
+    print(
+        f"{'mode':>26} {'need_weights':>12} {'nn (ms)':>9} {'torch_mha (ms)':>15} {'speed-up':>9}"
+    )
     for need_weights in (True, False):
+
         def inference(module: nn.Module) -> Callable[[], None]:
             def run() -> None:
                 with torch.no_grad():
                     module(x, x, x, need_weights=need_weights)
+
             return run
 
         def training(module: nn.Module) -> Callable[[], None]:
@@ -101,18 +111,23 @@ def speed(args: argparse.Namespace) -> None:
                 out, weights = module(x_grad, x_grad, x_grad, need_weights=need_weights)
                 loss = out.sum() if weights is None else out.sum() + weights.sum()
                 loss.backward()
+
             return run
 
         x_grad = x.clone().requires_grad_()
-        for mode, make in (("inference (eval, no_grad)", inference),
-                           ("training (fwd + bwd)", training)):
+        for mode, make in (
+            ("inference (eval, no_grad)", inference),
+            ("training (fwd + bwd)", training),
+        ):
             reference.train(mode.startswith("training"))
             ours.train(mode.startswith("training"))
             times = median_times(
                 {"nn": make(reference), "ours": make(ours)}, args.repeats, args.warmup
             )
-            print(f"{mode:>26} {str(need_weights):>12} {times['nn'] * 1e3:9.2f} "
-                  f"{times['ours'] * 1e3:15.2f} {times['nn'] / times['ours']:8.2f}x")
+            print(
+                f"{mode:>26} {str(need_weights):>12} {times['nn'] * 1e3:9.2f} "
+                f"{times['ours'] * 1e3:15.2f} {times['nn'] / times['ours']:8.2f}x"
+            )
 
 
 def main() -> None:
@@ -127,8 +142,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, torch_mha {torch_mha.__version__} "
-          f"({torch.ops.torch_mha._build_info()}), {platform.processor() or platform.machine()}")
+    print(
+        f"torch {torch.__version__}, torch_mha {torch_mha.__version__} "
+        f"({torch.ops.torch_mha._build_info()}), {platform.processor() or platform.machine()}"
+    )
     accuracy(args)
     speed(args)
 

@@ -199,8 +199,14 @@ def multi_head_attention_forward(
         raise ValueError(f"dropout probability has to be in [0, 1), but got {dropout_p}")
     if key_padding_mask is not None:
         _check_key_padding_mask_shape(
-            query, key, key_padding_mask, is_batched, batch_first, bias_k is not None,
-            add_zero_attn, static_k
+            query,
+            key,
+            key_padding_mask,
+            is_batched,
+            batch_first,
+            bias_k is not None,
+            add_zero_attn,
+            static_k,
         )
 
     attn_output, attn_weights = torch.ops.torch_mha.multi_head_attention(
@@ -262,8 +268,7 @@ def _check_key_padding_mask_shape(
         expected[-1] = static_k.shape[1]
     if list(key_padding_mask.shape) != expected:
         raise AssertionError(
-            f"expected key_padding_mask of shape {expected}, but got "
-            f"{list(key_padding_mask.shape)}"
+            f"expected key_padding_mask of shape {expected}, but got {list(key_padding_mask.shape)}"
         )
 
 
@@ -293,9 +298,7 @@ def attention(
     """
     seed: Optional[Tensor] = None
     if dropout_p > 0.0:
-        seed = torch.randint(
-            0, 9223372036854775807, (1,), dtype=torch.long, device=query.device
-        )
+        seed = torch.randint(0, 9223372036854775807, (1,), dtype=torch.long, device=query.device)
     output, _, weights = torch.ops.torch_mha.attention_forward(
         query,
         key,

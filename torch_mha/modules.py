@@ -69,7 +69,9 @@ class MultiheadAttention(nn.Module):
         # Registration order matches torch.nn.MultiheadAttention, so parameters() (and an
         # optimizer's state_dict) line up with it.
         if self._qkv_same_embed_dim:
-            self.in_proj_weight = Parameter(torch.empty((3 * embed_dim, embed_dim), **factory_kwargs))
+            self.in_proj_weight = Parameter(
+                torch.empty((3 * embed_dim, embed_dim), **factory_kwargs)
+            )
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
             self.register_parameter("v_proj_weight", None)
