@@ -433,13 +433,20 @@ void attention_weights_typed(const ForwardKernelArgs& args) {
                 head_dim = pb.head_dim;
   const int64_t query_blocks = (query_len + kBlockQ - 1) / kBlockQ;
   const bool average = args.average_weights;
+  scalar_t* weights_data = static_cast<scalar_t*>(args.weights);
+  if (heads == 0) {
+    // No head to average over: the mean is taken as 0 (a per-head tensor is empty anyway).
+    if (average) {
+      std::fill(weights_data, weights_data + pb.batch * query_len * pb.key_len, scalar_t(0));
+    }
+    return;
+  }
   const int64_t heads_per_item = average ? heads : 1;
   const ScoreMasking masking{pb.attn_mask, pb.key_padding_mask, pb.is_causal};
   const DropoutConfig dropout(pb);
   const RowAccessor<const scalar_t> q(args.query);
   const RowAccessor<const scalar_t> k(args.key);
   const acc_t* stats_data = static_cast<const acc_t*>(args.softmax_stats);
-  scalar_t* weights_data = static_cast<scalar_t*>(args.weights);
   const acc_t head_weight = acc_t(1) / static_cast<acc_t>(heads_per_item);
 
   const int64_t items = pb.batch * (heads / heads_per_item) * query_blocks;
