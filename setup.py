@@ -45,6 +45,11 @@ CXX_FLAGS = (
     + ["-std=c++17", "-Wall", "-Wextra", "-DTORCH_MHA_BUILD_LIBRARY"]
     + [f"-isystem{path}" for path in include_paths()]
 )
+# at::parallel_for is a header template: with PyTorch's OpenMP backend it expands to an
+# `omp parallel` region in our own code, which runs on one thread unless compiled with OpenMP.
+# Linking -fopenmp resolves to the libgomp.so.1 that torch itself loads.
+OPENMP_FLAGS = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+CXX_FLAGS += OPENMP_FLAGS
 
 # CPU kernels compiled once per vector ISA (see csrc/cpu/attention_kernel.h). The order matters:
 # objects are linked DEFAULT first, so any inline function that several builds instantiate
@@ -156,6 +161,7 @@ def make_extension():
         include_dirs=[CSRC],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
+        extra_link_args=OPENMP_FLAGS,
     )
 
 
