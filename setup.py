@@ -194,7 +194,14 @@ class BuildExtensionWithIsaKernels(BuildExtension):
                     + flags
                     + includes
                 )
-                stale = not os.path.exists(obj) or os.path.getmtime(obj) < newest_input
+                # Rebuild when a source or header is newer, or when the flags changed.
+                recorded = obj + ".cmd"
+                same_command = os.path.exists(recorded) and open(recorded).read() == str(command)
+                stale = (
+                    not same_command
+                    or not os.path.exists(obj)
+                    or os.path.getmtime(obj) < newest_input
+                )
                 jobs.append((obj, command, stale))
 
         def run(job):
@@ -202,6 +209,8 @@ class BuildExtensionWithIsaKernels(BuildExtension):
             if stale:
                 print(" ".join(command), flush=True)
                 subprocess.run(command, check=True)
+                with open(obj + ".cmd", "w") as f:
+                    f.write(str(command))
             return obj
 
         workers = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
