@@ -108,7 +108,7 @@ def build_cuda():
 
 
 def sources(with_cuda):
-    patterns = ["*.cpp", "cpu/*.cpp", "meta/*.cpp", "autograd/*.cpp"]
+    patterns = ["*.cpp", "cpu/*.cpp", "meta/*.cpp", "autograd/*.cpp", "autocast/*.cpp"]
     if with_cuda:
         patterns += ["cuda/*.cpp", "cuda/*.cu"]
     files = []
