@@ -15,6 +15,8 @@ fi
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "$TORCH_SPEC" numpy pytest hypothesis ninja expecttest
+# CMake builds the LibTorch package for the C++ tests; take it from PyPI if the machine has none.
+command -v cmake >/dev/null || python -m pip install -q cmake
 # Build against the torch installed above: no build isolation.
 python -m pip install -q --no-build-isolation -e .
 python -c "import torch, torch_mha; print('torch', torch.__version__, '| torch_mha', torch_mha.__version__, '|', torch.ops.torch_mha._build_info())"
