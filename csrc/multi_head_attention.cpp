@@ -35,12 +35,13 @@ void check_same_dtype_and_device(const char* name, const std::optional<at::Tenso
               " on the same device as query (", query.device(), "), but got ", t->device());
 }
 
-void check_shape(const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef expected) {
+void check_shape(const char* name, const std::optional<at::Tensor>& t,
+                 c10::SymIntArrayRef expected) {
   if (!present(t)) {
     return;
   }
-  TORCH_CHECK(t->sizes() == expected, kOp, ": expected ", name, " of shape ", expected,
-              ", but got ", t->sizes());
+  TORCH_CHECK(t->sym_sizes() == expected, kOp, ": expected ", name, " of shape ", expected,
+              ", but got ", t->sym_sizes());
 }
 
 void check_mask_dtype_and_device(const char* name, const std::optional<at::Tensor>& mask,
@@ -99,8 +100,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
               " and num_heads=", num_heads);
   TORCH_CHECK(embed_dim % num_heads == 0, kOp, ": embed_dim (", embed_dim,
               ") must be divisible by num_heads (", num_heads, ")");
-  TORCH_CHECK(query.size(-1) == embed_dim, kOp, ": was expecting embedding dimension of ",
-              embed_dim, ", but got ", query.size(-1));
+  TORCH_CHECK(query.sym_size(-1) == embed_dim, kOp, ": was expecting embedding dimension of ",
+              embed_dim, ", but got ", query.sym_size(-1));
   TORCH_CHECK(at::isFloatingType(query.scalar_type()), kOp,
               ": expected a floating point query, but got ", query.scalar_type());
   check_same_dtype_and_device("key", key, query);
@@ -140,37 +141,39 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
   }
   std::optional<at::Tensor> attn_mask = attn_mask_in;
 
-  const int64_t batch = q_in.size(batch_dim);
-  const int64_t query_len = q_in.size(seq_dim);
-  const int64_t key_len = k_in.size(seq_dim);
+  // Symbolic sizes throughout, so torch.compile(dynamic=True) and torch.export keep lengths and
+  // batch dynamic instead of specialising the graph to the first call.
+  const c10::SymInt batch = q_in.sym_size(batch_dim);
+  const c10::SymInt query_len = q_in.sym_size(seq_dim);
+  const c10::SymInt key_len = k_in.sym_size(seq_dim);
   const int64_t head_dim = embed_dim / num_heads;
-  TORCH_CHECK(k_in.size(batch_dim) == batch && v_in.size(batch_dim) == batch, kOp,
+  TORCH_CHECK(k_in.sym_size(batch_dim) == batch && v_in.sym_size(batch_dim) == batch, kOp,
               ": expected query, key and value to have the same batch size, but got query ",
-              query.sizes(), ", key ", key.sizes(), ", value ", value.sizes(),
+              query.sym_sizes(), ", key ", key.sym_sizes(), ", value ", value.sym_sizes(),
               batch_first ? " (batch_first=True)" : " (batch_first=False)");
-  TORCH_CHECK(v_in.size(seq_dim) == key_len, kOp,
+  TORCH_CHECK(v_in.sym_size(seq_dim) == key_len, kOp,
               ": expected key and value to have the same sequence length, but got key ",
-              key.sizes(), " and value ", value.sizes());
+              key.sym_sizes(), " and value ", value.sym_sizes());
 
   const bool packed = present(in_proj_weight);
   if (packed) {
-    TORCH_CHECK(key.sizes() == value.sizes(), kOp, ": key shape ", key.sizes(),
-                " does not match value shape ", value.sizes());
-    TORCH_CHECK(key.size(-1) == embed_dim, kOp,
+    TORCH_CHECK(key.sym_sizes() == value.sym_sizes(), kOp, ": key shape ", key.sym_sizes(),
+                " does not match value shape ", value.sym_sizes());
+    TORCH_CHECK(key.sym_size(-1) == embed_dim, kOp,
                 ": with a packed in_proj_weight, key and value must have embedding dimension ",
-                embed_dim, ", but got ", key.size(-1));
-    check_shape("in_proj_weight", in_proj_weight, {3 * embed_dim, embed_dim});
+                embed_dim, ", but got ", key.sym_size(-1));
+    check_shape("in_proj_weight", in_proj_weight, {c10::SymInt(3 * embed_dim), embed_dim});
   } else {
     TORCH_CHECK(present(q_proj_weight) && present(k_proj_weight) && present(v_proj_weight), kOp,
                 ": without in_proj_weight, q_proj_weight, k_proj_weight and v_proj_weight must "
                 "all be given");
     check_shape("q_proj_weight", q_proj_weight, {embed_dim, embed_dim});
-    check_shape("k_proj_weight", k_proj_weight, {embed_dim, key.size(-1)});
-    check_shape("v_proj_weight", v_proj_weight, {embed_dim, value.size(-1)});
+    check_shape("k_proj_weight", k_proj_weight, {embed_dim, key.sym_size(-1)});
+    check_shape("v_proj_weight", v_proj_weight, {embed_dim, value.sym_size(-1)});
   }
-  check_shape("in_proj_bias", in_proj_bias, {3 * embed_dim});
+  check_shape("in_proj_bias", in_proj_bias, {c10::SymInt(3 * embed_dim)});
   check_shape("out_proj_weight", out_proj_weight, {embed_dim, embed_dim});
-  check_shape("out_proj_bias", out_proj_bias, {embed_dim});
+  check_shape("out_proj_bias", out_proj_bias, {c10::SymInt(embed_dim)});
   TORCH_CHECK(present(bias_k) == present(bias_v), kOp,
               ": bias_k and bias_v must both be given or both be None");
   check_shape("bias_k", bias_k, {1, 1, embed_dim});
@@ -180,13 +183,13 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
 
   if (present(attn_mask)) {
     if (attn_mask->dim() == 2) {
-      TORCH_CHECK(attn_mask->size(0) == query_len && attn_mask->size(1) == key_len,
-                  "The shape of the 2D attn_mask is ", attn_mask->sizes(), ", but should be (",
+      TORCH_CHECK(attn_mask->sym_size(0) == query_len && attn_mask->sym_size(1) == key_len,
+                  "The shape of the 2D attn_mask is ", attn_mask->sym_sizes(), ", but should be (",
                   query_len, ", ", key_len, ").");
     } else {
-      TORCH_CHECK(attn_mask->size(0) == batch * num_heads && attn_mask->size(1) == query_len &&
-                      attn_mask->size(2) == key_len,
-                  "The shape of the 3D attn_mask is ", attn_mask->sizes(), ", but should be (",
+      TORCH_CHECK(attn_mask->sym_size(0) == batch * num_heads &&
+                      attn_mask->sym_size(1) == query_len && attn_mask->sym_size(2) == key_len,
+                  "The shape of the 3D attn_mask is ", attn_mask->sym_sizes(), ", but should be (",
                   batch * num_heads, ", ", query_len, ", ", key_len, ").");
     }
   }
@@ -248,51 +251,54 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
 
   // ---- Learned key/value biases: one extra position at the end of the sequence.
   if (present(bias_k)) {
-    const std::vector<int64_t> bias_shape = batch_major ? std::vector<int64_t>{batch, 1, embed_dim}
-                                                        : std::vector<int64_t>{1, batch, embed_dim};
-    k = at::cat({k, bias_k->expand(bias_shape)}, seq_dim);
-    v = at::cat({v, bias_v->expand(bias_shape)}, seq_dim);
+    const std::vector<c10::SymInt> bias_shape = batch_major
+                                                    ? std::vector<c10::SymInt>{batch, 1, embed_dim}
+                                                    : std::vector<c10::SymInt>{1, batch, embed_dim};
+    k = at::cat({k, bias_k->expand_symint(bias_shape)}, seq_dim);
+    v = at::cat({v, bias_v->expand_symint(bias_shape)}, seq_dim);
     attn_mask = pad_mask(attn_mask);
     key_padding_mask = pad_mask(key_padding_mask);
   }
 
   // ---- Head split, as views: (seq, batch, E) or (batch, seq, E) -> (batch, heads, seq, D).
   auto split_heads = [&](const at::Tensor& x) {
-    const at::Tensor per_head = x.unflatten(-1, {num_heads, head_dim});
+    const at::Tensor per_head = x.unflatten_symint(-1, {num_heads, head_dim});
     return batch_major ? per_head.permute({0, 2, 1, 3}) : per_head.permute({1, 2, 0, 3});
   };
   auto static_heads = [&](const char* name, const at::Tensor& s) {
-    TORCH_CHECK(s.dim() == 3 && s.size(0) == batch * num_heads && s.size(2) == head_dim, kOp,
-                ": expected ", name, " of shape (", batch * num_heads, ", seq_len, ", head_dim,
-                "), but got ", s.sizes());
-    return s.view({batch, num_heads, s.size(1), head_dim});
+    TORCH_CHECK(s.dim() == 3 && s.sym_size(0) == batch * num_heads && s.sym_size(2) == head_dim,
+                kOp, ": expected ", name, " of shape (", batch * num_heads, ", seq_len, ", head_dim,
+                "), but got ", s.sym_sizes());
+    return s.view_symint({batch, num_heads, s.sym_size(1), head_dim});
   };
   const at::Tensor q_heads = split_heads(q);
   at::Tensor k_heads = present(static_k) ? static_heads("static_k", *static_k) : split_heads(k);
   at::Tensor v_heads = present(static_v) ? static_heads("static_v", *static_v) : split_heads(v);
-  TORCH_CHECK(k_heads.size(2) == v_heads.size(2), kOp,
-              ": keys and values have different lengths after static_k/static_v: ", k_heads.size(2),
-              " and ", v_heads.size(2));
+  TORCH_CHECK(k_heads.sym_size(2) == v_heads.sym_size(2), kOp,
+              ": keys and values have different lengths after static_k/static_v: ",
+              k_heads.sym_size(2), " and ", v_heads.sym_size(2));
 
   // ---- A zero key/value position, appended after the head split.
   if (add_zero_attn) {
-    k_heads = at::cat({k_heads, at::zeros({batch, num_heads, 1, head_dim}, k_heads.options())}, 2);
-    v_heads = at::cat({v_heads, at::zeros({batch, num_heads, 1, head_dim}, v_heads.options())}, 2);
+    const std::vector<c10::SymInt> zero_shape = {batch, num_heads, 1, head_dim};
+    k_heads = at::cat({k_heads, at::zeros_symint(zero_shape, k_heads.options())}, 2);
+    v_heads = at::cat({v_heads, at::zeros_symint(zero_shape, v_heads.options())}, 2);
     attn_mask = pad_mask(attn_mask);
     key_padding_mask = pad_mask(key_padding_mask);
   }
-  const int64_t total_key_len = k_heads.size(2);
+  const c10::SymInt total_key_len = k_heads.sym_size(2);
   if (present(key_padding_mask)) {
     // Checked after the padding above, against the keys the kernel will see.
-    TORCH_CHECK(key_padding_mask->size(0) == batch && key_padding_mask->size(1) == total_key_len,
-                kOp, ": expected key_padding_mask of shape (batch, key_len) = (", batch, ", ",
-                total_key_len, "), but got ", key_padding_mask->sizes());
+    TORCH_CHECK(
+        key_padding_mask->sym_size(0) == batch && key_padding_mask->sym_size(1) == total_key_len,
+        kOp, ": expected key_padding_mask of shape (batch, key_len) = (", batch, ", ",
+        total_key_len, "), but got ", key_padding_mask->sym_sizes());
   }
 
   // ---- Masks go to the kernel unmerged: 2-D (L, S) broadcasts, 3-D (N*H, L, S) is
   // batch-major, row n*H + h.
   if (present(attn_mask) && attn_mask->dim() == 3) {
-    attn_mask = attn_mask->reshape({batch, num_heads, query_len, attn_mask->size(-1)});
+    attn_mask = attn_mask->reshape_symint({batch, num_heads, query_len, attn_mask->sym_size(-1)});
   }
 
   // ---- Dropout on the attention probabilities, only in training. The seed comes from the

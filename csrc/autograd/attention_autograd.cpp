@@ -26,7 +26,7 @@ at::Tensor reduce_mask_grad(const at::Tensor& full_grad, const at::Tensor& mask,
     // (N, H, L, S) -> (N, S)
     return full_grad.sum({1, 2}).to(mask.scalar_type());
   }
-  return full_grad.sum_to_size(mask.sizes()).to(mask.scalar_type());
+  return full_grad.sum_to_size_symint(mask.sym_sizes()).to(mask.scalar_type());
 }
 
 bool mask_requires_grad(const std::optional<at::Tensor>& mask) {
