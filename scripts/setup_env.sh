@@ -15,6 +15,9 @@ fi
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "$TORCH_SPEC" numpy pytest hypothesis ninja expecttest
+# matplotlib: the loss-curve PNG of examples/train_lm.py (tests/test_examples.py runs it) and
+# the plot of benchmarks/bench_attention.py (tests/test_bench.py runs it).
+python -m pip install -q matplotlib
 # CMake builds the LibTorch package for the C++ tests; take it from PyPI if the machine has none.
 command -v cmake >/dev/null || python -m pip install -q cmake
 # Build against the torch installed above: no build isolation.

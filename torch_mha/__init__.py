@@ -12,6 +12,13 @@ library_path: str = _load_library()
 from . import functional  # noqa: E402
 from .functional import attention, multi_head_attention_forward  # noqa: E402
 from .modules import MultiheadAttention  # noqa: E402
+from .swap import (  # noqa: E402
+    AttentionConfig,
+    SwappedAttention,
+    SwapReport,
+    restore_attention,
+    swap_attention,
+)
 
 __version__ = "0.1.0"
 
@@ -24,10 +31,15 @@ def cuda_version() -> int:
 
 
 __all__ = [
+    "AttentionConfig",
     "MultiheadAttention",
+    "SwapReport",
+    "SwappedAttention",
     "attention",
     "cuda_version",
     "functional",
     "library_path",
     "multi_head_attention_forward",
+    "restore_attention",
+    "swap_attention",
 ]
