@@ -24,9 +24,27 @@ import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import (
+
+def _resolve_cuda_home():
+    """CUDA toolkit root. torch guesses the parent of `which nvcc`, which is wrong when `nvcc` on
+    the PATH is a wrapper or link (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc):
+    ask nvcc where it lives instead."""
+    if "CUDA_HOME" in os.environ or "CUDA_PATH" in os.environ or not shutil.which("nvcc"):
+        return
+    dryrun = subprocess.run(
+        ["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True
+    )
+    for line in (dryrun.stdout + dryrun.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            os.environ["CUDA_HOME"] = os.path.realpath(line.split("=", 1)[1].strip())
+            return
+
+
+_resolve_cuda_home()  # before torch.utils.cpp_extension reads it
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
     CUDA_HOME,
     BuildExtension,
     CppExtension,
@@ -40,9 +58,12 @@ DEBUG = os.environ.get("DEBUG", "0") == "1"
 OPTIMIZE = ["-O0", "-g"] if DEBUG else ["-O3"]
 # torch's headers are included as system headers (an -isystem directory overrides the same -I
 # directory), so -Wall -Wextra report on our code only.
+# The code is C++17; torch 2.14 and newer headers require C++20, so follow torch's minimum.
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+CXX_STANDARD = "c++20" if TORCH_VERSION >= (2, 14) else "c++17"
 CXX_FLAGS = (
     OPTIMIZE
-    + ["-std=c++17", "-Wall", "-Wextra", "-DTORCH_MHA_BUILD_LIBRARY"]
+    + [f"-std={CXX_STANDARD}", "-Wall", "-Wextra", "-DTORCH_MHA_BUILD_LIBRARY"]
     + [f"-isystem{path}" for path in include_paths()]
 )
 # at::parallel_for is a header template: with PyTorch's OpenMP backend it expands to an
@@ -140,11 +161,15 @@ def make_extension():
     extra_compile_args = {"cxx": CXX_FLAGS}
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        define_macros.append(("WITH_CUDA", None))
+        major, minor = nvcc_version().split(".")
+        define_macros += [
+            ("WITH_CUDA", None),
+            ("TORCH_MHA_CUDA_VERSION", str(int(major) * 1000 + int(minor) * 10)),
+        ]
         extra_compile_args["nvcc"] = (
             OPTIMIZE
             + [
-                "-std=c++17",
+                f"-std={CXX_STANDARD}",
                 "--expt-relaxed-constexpr",
                 "-DTORCH_MHA_BUILD_LIBRARY",
                 "--threads",

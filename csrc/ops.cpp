@@ -13,10 +13,6 @@
 
 #include "torch_mha.h"
 
-#ifdef WITH_CUDA
-#include <cuda.h>
-#endif
-
 namespace torch_mha {
 
 TORCH_LIBRARY(torch_mha, m) {
@@ -96,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
 }
 
 int64_t cuda_version() {
-#ifdef WITH_CUDA
-  return CUDA_VERSION;
+#ifdef TORCH_MHA_CUDA_VERSION
+  return TORCH_MHA_CUDA_VERSION;  // the nvcc version, set by the build
 #else
   return -1;
 #endif
