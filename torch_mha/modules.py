@@ -24,8 +24,11 @@ class MultiheadAttention(nn.Module):
       memory grow linearly with the sequence length);
     * a query whose keys are all masked gets a zero attention output (torch gives NaN when
       ``need_weights=True``), and its gradients are zero;
-    * ``dropout`` must lie in [0, 1);
-    * there is no inference fast path with NestedTensor inputs.
+    * ``dropout`` must lie in [0, 1).
+
+    NestedTensor inputs (which nn.TransformerEncoder builds for padded batches in inference) are
+    handled as nn.MultiheadAttention handles them: by PyTorch's native fast-path kernel, under the
+    same conditions, and with the same error otherwise.
     """
 
     __constants__ = ["batch_first"]
@@ -118,6 +121,67 @@ class MultiheadAttention(nn.Module):
             state["_qkv_same_embed_dim"] = True
         super().__setstate__(state)
 
+    def _nested_forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        need_weights: bool,
+        attn_mask: Optional[Tensor],
+        average_attn_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """NestedTensor inputs: PyTorch's native multi-head attention kernel, exactly where
+        nn.MultiheadAttention would use it (self-attention in inference with packed weights and
+        biases, batch_first, no extra key/value positions, no masks), else nn's error."""
+        why_not = ""
+        if not (query is key and key is value):
+            why_not = "query, key and value are not the same tensor"
+        elif self.training:
+            why_not = "the module is in training mode"
+        elif not self.batch_first:
+            why_not = "batch_first is False"
+        elif not self._qkv_same_embed_dim or self.in_proj_weight is None:
+            why_not = "kdim or vdim differs from embed_dim"
+        elif self.in_proj_bias is None or self.out_proj.bias is None:
+            why_not = "the module has no biases (bias=False)"
+        elif self.bias_k is not None or self.add_zero_attn:
+            why_not = "add_bias_kv or add_zero_attn is set"
+        elif self.num_heads % 2 != 0:
+            why_not = "num_heads is odd"
+        elif attn_mask is not None or key_padding_mask is not None:
+            why_not = "masks are not supported together with NestedTensor"
+        elif torch.is_grad_enabled() and any(
+            p is not None and p.requires_grad
+            for p in [self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, query]
+        ):
+            why_not = "autograd is enabled and an input or parameter requires grad"
+        if why_not != "":
+            raise AssertionError(
+                "MultiheadAttention does not support NestedTensor outside of its fast path: "
+                + why_not
+            )
+        in_proj_weight = self.in_proj_weight
+        in_proj_bias = self.in_proj_bias
+        out_bias = self.out_proj.bias
+        assert in_proj_weight is not None and in_proj_bias is not None and out_bias is not None
+        output, weights = torch._native_multi_head_attention(
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            in_proj_weight,
+            in_proj_bias,
+            self.out_proj.weight,
+            out_bias,
+            None,
+            need_weights,
+            average_attn_weights,
+            None,
+        )
+        return output, (weights if need_weights else None)
+
     def merge_masks(
         self,
         attn_mask: Optional[Tensor],
@@ -164,6 +228,10 @@ class MultiheadAttention(nn.Module):
         Returns (attn_output, attn_weights), attn_weights averaged over heads when
         average_attn_weights is True, None when need_weights is False.
         """
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._nested_forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights
+            )
         return multi_head_attention_forward(
             query,
             key,
