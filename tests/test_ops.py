@@ -1,4 +1,10 @@
-"""Tests of the core torch_mha operators (torch.ops.torch_mha.*) on the CPU.
+"""Tests of the core torch_mha operators (torch.ops.torch_mha.*) on every device.
+
+Tests that take the `device` fixture (tests/conftest.py) run on the CPU and on CUDA; the CUDA
+cases are reported as skipped where there is no GPU. Inputs are drawn on the CPU (so both
+devices see the same values) and moved to the device; references are computed in float64 on the
+device of the inputs. A few tests are CPU-only by nature and say why. CUDA-specific tests (CPU vs
+CUDA agreement, streams, device indices, grid limits) are in tests/test_cuda.py.
 
 Every numerical expectation comes from tests/reference.py (an independent float64
 implementation), from torch's own functions, or from an independent pure-Python Philox, never
@@ -23,6 +29,9 @@ Tolerances (see _forward_tol, _stats_tol and _grad_tolerance):
   allow 2u relative plus the float32 absolute error. Gradients additionally use the *rounded*
   forward output in delta = sum(dO * O), an O(u) error relative to the gradient scale, so their
   absolute tolerance is a small multiple of u times the largest reference gradient.
+* On CUDA, float32 results get conftest.tolerance_factor (2x) on top: the CUDA kernels sum in
+  another order than the CPU ones (see conftest.py); float64 and the rounding-dominated
+  bfloat16/float16 tolerances are the same on both devices.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
-from hypothesis import given, settings
+from conftest import require_shared_memory, tolerance_factor
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import additive_mask, reference_attention
 from torch import Tensor
@@ -111,11 +121,13 @@ def _grad_tolerance(dtype: torch.dtype, reference: Tensor) -> Tol:
 
 
 def assert_close(actual: Tensor, expected: Tensor, tol: Tol, msg: str = "") -> None:
+    # float32 results computed on CUDA get the device factor (conftest.tolerance_factor).
+    factor = tolerance_factor(actual.device, actual.dtype)
     torch.testing.assert_close(
         actual.double(),
-        expected.double(),
-        atol=tol.atol,
-        rtol=tol.rtol,
+        expected.double().to(actual.device),
+        atol=tol.atol * factor,
+        rtol=tol.rtol * factor,
         equal_nan=False,
         msg=(lambda m: f"{msg}: {m}") if msg else None,
     )
@@ -125,29 +137,46 @@ def assert_close(actual: Tensor, expected: Tensor, tol: Tol, msg: str = "") -> N
 # Inputs
 
 
-def randn(*shape: int, dtype: torch.dtype = torch.float64, requires_grad: bool = False) -> Tensor:
-    return torch.randn(*shape, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+def randn(
+    *shape: int,
+    dtype: torch.dtype = torch.float64,
+    requires_grad: bool = False,
+    device: str = "cpu",
+) -> Tensor:
+    """Standard normal values drawn in float64 on the CPU (the same values for every device),
+    rounded to `dtype` and moved to `device`."""
+    t = torch.randn(*shape, dtype=torch.float64).to(dtype)
+    return t.to(device).requires_grad_(requires_grad)
 
 
 def make_qkv(
-    n: int, h: int, l: int, s: int, e: int, ev: int, dtype: torch.dtype, layout: str = "contiguous"
+    n: int,
+    h: int,
+    l: int,
+    s: int,
+    e: int,
+    ev: int,
+    dtype: torch.dtype,
+    layout: str = "contiguous",
+    device: str = "cpu",
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """query (n,h,l,e), key (n,h,s,e), value (n,h,s,ev) laid out as `layout` says."""
+    """query (n,h,l,e), key (n,h,s,e), value (n,h,s,ev) on `device`, laid out as `layout` says."""
+    require_shared_memory(device, dtype, e, ev)
 
     def contiguous(length: int, dim: int) -> Tensor:
-        return randn(n, h, length, dim, dtype=dtype)
+        return randn(n, h, length, dim, dtype=dtype, device=device)
 
     def seq_major(length: int, dim: int) -> Tensor:  # (N, L, H, D) viewed as (N, H, L, D)
-        return randn(n, length, h, dim, dtype=dtype).permute(0, 2, 1, 3)
+        return randn(n, length, h, dim, dtype=dtype, device=device).permute(0, 2, 1, 3)
 
     def time_major(length: int, dim: int) -> Tensor:  # (L, N, H, D) viewed as (N, H, L, D)
-        return randn(length, n, h, dim, dtype=dtype).permute(1, 2, 0, 3)
+        return randn(length, n, h, dim, dtype=dtype, device=device).permute(1, 2, 0, 3)
 
     def strided_last(length: int, dim: int) -> Tensor:  # last dimension with stride 2
-        return randn(n, h, length, 2 * dim, dtype=dtype)[..., ::2]
+        return randn(n, h, length, 2 * dim, dtype=dtype, device=device)[..., ::2]
 
     def transposed_last(length: int, dim: int) -> Tensor:  # last dimension with stride `length`
-        return randn(n, h, dim, length, dtype=dtype).transpose(-1, -2)
+        return randn(n, h, dim, length, dtype=dtype, device=device).transpose(-1, -2)
 
     if layout == "contiguous":
         return contiguous(l, e), contiguous(s, e), contiguous(s, ev)
@@ -158,7 +187,7 @@ def make_qkv(
     if layout == "packed_qkv":
         # Self-attention heads read straight out of an (L, N, 3*H*E) projection.
         assert l == s and e == ev
-        proj = randn(l, n, 3 * h * e, dtype=dtype)
+        proj = randn(l, n, 3 * h * e, dtype=dtype, device=device)
         q, k, v = proj.chunk(3, dim=-1)
         split = lambda x: x.unflatten(-1, (h, e)).permute(1, 2, 0, 3)  # noqa: E731
         return split(q), split(k), split(v)
@@ -169,13 +198,13 @@ def make_qkv(
     if layout == "broadcast_heads":  # key/value shared by every head and batch (stride 0)
         return (
             contiguous(l, e),
-            randn(1, 1, s, e, dtype=dtype).expand(n, h, s, e),
-            randn(n, 1, s, ev, dtype=dtype).expand(n, h, s, ev),
+            randn(1, 1, s, e, dtype=dtype, device=device).expand(n, h, s, e),
+            randn(n, 1, s, ev, dtype=dtype, device=device).expand(n, h, s, ev),
         )
     if layout == "broadcast_rows":  # one key row repeated along the sequence (stride 0)
         return (
             contiguous(l, e),
-            randn(n, h, 1, e, dtype=dtype).expand(n, h, s, e),
+            randn(n, h, 1, e, dtype=dtype, device=device).expand(n, h, s, e),
             contiguous(s, ev),
         )
     if layout == "mixed":
@@ -183,11 +212,13 @@ def make_qkv(
     raise ValueError(layout)
 
 
-def make_mask(shape: Sequence[int], kind: str, dtype: torch.dtype = torch.float64) -> Tensor:
+def make_mask(
+    shape: Sequence[int], kind: str, dtype: torch.dtype = torch.float64, device: str = "cpu"
+) -> Tensor:
     """A random mask: `bool` (about 30% True = masked out) or `float` (finite biases)."""
     if kind == "bool":
-        return torch.rand(*shape) < 0.3
-    return randn(*shape, dtype=dtype)
+        return (torch.rand(*shape) < 0.3).to(device)
+    return randn(*shape, dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +238,8 @@ def forward(
     need_weights: bool = True,
     average_weights: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    seed_tensor = None if seed is None else torch.tensor([seed], dtype=torch.long)
+    # The seed lives on the query's device (the CUDA kernels read it there).
+    seed_tensor = None if seed is None else torch.tensor([seed], dtype=torch.long, device=q.device)
     return OPS.attention_forward(
         q,
         k,
@@ -245,7 +277,7 @@ def reference_scores(
     if kpm is not None:
         scores = scores + kpm[:, None, None, :]
     if is_causal:
-        hidden = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(1)
+        hidden = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(hidden, float("-inf"))
     return scores
 
@@ -296,7 +328,9 @@ def expected_forward(
         if scores.shape[-1] > 0:
             row_max = scores.amax(dim=-1)
         else:  # no keys: every row is fully masked
-            row_max = torch.full(scores.shape[:-1], -math.inf, dtype=torch.float64)
+            row_max = torch.full(
+                scores.shape[:-1], -math.inf, dtype=torch.float64, device=scores.device
+            )
     fully = torch.isneginf(lse)
     inf = torch.full_like(lse, math.inf)
     lse = torch.where(fully, inf, lse)
@@ -388,13 +422,14 @@ def reference_grads(
     fully = torch.isneginf(scores).all(dim=-1) if scores.shape[-1] > 0 else None
     if fully is not None and bool(fully.any()):
         n, h, l, s = scores.shape
-        bias = torch.zeros(n, h, l, s, dtype=torch.float64)
+        bias = torch.zeros(n, h, l, s, dtype=torch.float64, device=scores.device)
         if mask64 is not None:
             bias = bias + additive_mask(mask64, torch.float64)
         if kpm64 is not None:
             bias = bias + additive_mask(kpm64, torch.float64)[:, None, None, :]
         if is_causal:
-            bias = bias.masked_fill(torch.ones(l, s, dtype=torch.bool).triu(1), float("-inf"))
+            causal = torch.ones(l, s, dtype=torch.bool, device=scores.device).triu(1)
+            bias = bias.masked_fill(causal, float("-inf"))
         bias = torch.where(fully[..., None], torch.zeros_like(bias), bias)
         out, probs = reference_attention(q64, k64, v64, bias, None, False, scale, dropout_factors)
         keep = (~fully)[..., None].double()
@@ -448,28 +483,30 @@ def shape_id(shape: Tuple[int, ...]) -> str:
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", FORWARD_SHAPES, ids=shape_id)
-def test_forward_shapes_and_dtypes(shape: Tuple[int, ...], dtype: torch.dtype) -> None:
+def test_forward_shapes_and_dtypes(shape: Tuple[int, ...], dtype: torch.dtype, device: str) -> None:
     n, h, l, s, e, ev = shape
-    q, k, v = make_qkv(n, h, l, s, e, ev, dtype)
+    q, k, v = make_qkv(n, h, l, s, e, ev, dtype, device=device)
     check_forward(forward(q, k, v), expected_forward(q, k, v), dtype)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(2, 2, 65, 129, 16, 17), (1, 2, 200, 63, 64, 64)], ids=shape_id)
-def test_forward_masks_and_causal_every_dtype(shape: Tuple[int, ...], dtype: torch.dtype) -> None:
+def test_forward_masks_and_causal_every_dtype(
+    shape: Tuple[int, ...], dtype: torch.dtype, device: str
+) -> None:
     """Float masks of the query's dtype (bf16/fp16 included), key padding, causal masking."""
     n, h, l, s, e, ev = shape
-    q, k, v = make_qkv(n, h, l, s, e, ev, dtype)
-    attn_mask = make_mask((h, l, s), "float", dtype)
-    kpm = make_mask((n, s), "bool" if l < s else "float", dtype)
+    q, k, v = make_qkv(n, h, l, s, e, ev, dtype, device=device)
+    attn_mask = make_mask((h, l, s), "float", dtype, device)
+    kpm = make_mask((n, s), "bool" if l < s else "float", dtype, device)
     result = forward(q, k, v, attn_mask, kpm, is_causal=True)
     check_forward(result, expected_forward(q, k, v, attn_mask, kpm, True), dtype)
 
 
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
-def test_forward_need_weights_flag(need_weights: bool) -> None:
+def test_forward_need_weights_flag(need_weights: bool, device: str) -> None:
     """need_weights=False returns an empty weights tensor and the same output."""
-    q, k, v = make_qkv(2, 2, 70, 130, 16, 8, torch.float64)
+    q, k, v = make_qkv(2, 2, 70, 130, 16, 8, torch.float64, device=device)
     result = forward(q, k, v, need_weights=need_weights)
     check_forward(result, expected_forward(q, k, v), torch.float64, need_weights)
 
@@ -488,11 +525,11 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_forward_non_contiguous_inputs(layout: str, dtype: torch.dtype) -> None:
+def test_forward_non_contiguous_inputs(layout: str, dtype: torch.dtype, device: str) -> None:
     n, h, l, s, e, ev = (2, 2, 129, 129, 16, 16)
-    q, k, v = make_qkv(n, h, l, s, e, ev, dtype, layout)
+    q, k, v = make_qkv(n, h, l, s, e, ev, dtype, layout, device)
     assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
-    kpm = make_mask((n, s), "bool")
+    kpm = make_mask((n, s), "bool", device=device)
     check_forward(forward(q, k, v, None, kpm), expected_forward(q, k, v, None, kpm), dtype)
     # The output keeps the query's memory order (heads merge back into the projection layout).
     out = forward(q, k, v)[0]
@@ -519,7 +556,14 @@ MASK_SHAPES = [
 
 
 def attn_mask_of(
-    shape_name: str, n: int, h: int, l: int, s: int, kind: str, dtype: torch.dtype
+    shape_name: str,
+    n: int,
+    h: int,
+    l: int,
+    s: int,
+    kind: str,
+    dtype: torch.dtype,
+    device: str = "cpu",
 ) -> Tensor:
     shapes = {
         "LS": (l, s),
@@ -533,41 +577,44 @@ def attn_mask_of(
         "N1L1": (n, 1, l, 1),
     }
     if shape_name in shapes:
-        return make_mask(shapes[shape_name], kind, dtype)
+        return make_mask(shapes[shape_name], kind, dtype, device)
     if shape_name == "expanded_S":  # stride 0 in every dimension but the last
-        return make_mask((s,), kind, dtype).expand(n, h, l, s)
+        return make_mask((s,), kind, dtype, device).expand(n, h, l, s)
     if shape_name == "expanded_L1":  # one value per query row, broadcast over keys (stride 0)
-        return make_mask((n, 1, l, 1), kind, dtype).expand(n, h, l, s)
+        return make_mask((n, 1, l, 1), kind, dtype, device).expand(n, h, l, s)
     if shape_name == "transposed_SL":  # key stride L, query stride 1
-        return make_mask((s, l), kind, dtype).t()
+        return make_mask((s, l), kind, dtype, device).t()
     if shape_name == "sliced_NHLS":  # every stride odd
-        return make_mask((n, h + 1, 2 * l, 2 * s + 1), kind, dtype)[:, 1:, ::2, 1::2]
+        return make_mask((n, h + 1, 2 * l, 2 * s + 1), kind, dtype, device)[:, 1:, ::2, 1::2]
     raise ValueError(shape_name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("kind", ["bool", "float_query_dtype", "float32"])
 @pytest.mark.parametrize("shape_name", MASK_SHAPES)
-def test_forward_attn_mask_shapes(shape_name: str, kind: str, dtype: torch.dtype) -> None:
+def test_forward_attn_mask_shapes(
+    shape_name: str, kind: str, dtype: torch.dtype, device: str
+) -> None:
     n, h, l, s, e = 2, 3, 65, 130, 8
-    q, k, v = make_qkv(n, h, l, s, e, e, dtype)
+    q, k, v = make_qkv(n, h, l, s, e, e, dtype, device=device)
     m_dtype = dtype if kind == "float_query_dtype" else torch.float32
-    attn_mask = attn_mask_of(shape_name, n, h, l, s, "bool" if kind == "bool" else "float", m_dtype)
+    m_kind = "bool" if kind == "bool" else "float"
+    attn_mask = attn_mask_of(shape_name, n, h, l, s, m_kind, m_dtype, device)
     check_forward(forward(q, k, v, attn_mask), expected_forward(q, k, v, attn_mask), dtype)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
-def test_forward_key_padding_mask(kind: str, dtype: torch.dtype, layout: str) -> None:
+def test_forward_key_padding_mask(kind: str, dtype: torch.dtype, layout: str, device: str) -> None:
     n, h, l, s = 3, 2, 64, 129
-    q, k, v = make_qkv(n, h, l, s, 17, 9, dtype)
+    q, k, v = make_qkv(n, h, l, s, 17, 9, dtype, device=device)
     if layout == "contiguous":
-        kpm = make_mask((n, s), kind, dtype)
+        kpm = make_mask((n, s), kind, dtype, device)
     elif layout == "transposed":
-        kpm = make_mask((s, n), kind, dtype).t()
+        kpm = make_mask((s, n), kind, dtype, device).t()
     else:
-        kpm = make_mask((n, 3 * s), kind, dtype)[:, ::3]
+        kpm = make_mask((n, 3 * s), kind, dtype, device)[:, ::3]
     check_forward(forward(q, k, v, None, kpm), expected_forward(q, k, v, None, kpm), dtype)
 
 
@@ -576,11 +623,11 @@ def test_forward_key_padding_mask(kind: str, dtype: torch.dtype, layout: str) ->
     [("bool", "bool"), ("float", "float"), ("bool", "float"), ("float", "bool")],
     ids=lambda k: f"attn_{k[0]}-kpm_{k[1]}",
 )
-def test_forward_attn_and_key_padding_masks(kinds: Tuple[str, str]) -> None:
+def test_forward_attn_and_key_padding_masks(kinds: Tuple[str, str], device: str) -> None:
     n, h, l, s = 2, 2, 127, 65
-    q, k, v = make_qkv(n, h, l, s, 16, 16, torch.float64)
-    attn_mask = make_mask((n, 1, l, s), kinds[0])
-    kpm = make_mask((n, s), kinds[1], torch.float32)
+    q, k, v = make_qkv(n, h, l, s, 16, 16, torch.float64, device=device)
+    attn_mask = make_mask((n, 1, l, s), kinds[0], device=device)
+    kpm = make_mask((n, s), kinds[1], torch.float32, device)
     expected = expected_forward(q, k, v, attn_mask, kpm)
     check_forward(forward(q, k, v, attn_mask, kpm), expected, torch.float64)
 
@@ -591,14 +638,14 @@ def test_forward_attn_and_key_padding_masks(kinds: Tuple[str, str]) -> None:
     [(1, 1), (5, 200), (65, 129), (129, 129), (200, 200), (200, 63), (129, 1)],
     ids=lambda ls: f"L{ls[0]}-S{ls[1]}",
 )
-def test_forward_causal(ls: Tuple[int, int], dtype: torch.dtype) -> None:
+def test_forward_causal(ls: Tuple[int, int], dtype: torch.dtype, device: str) -> None:
     """Top-left aligned causal masking with L < S, L == S and L > S, with and without masks."""
     l, s = ls
-    q, k, v = make_qkv(1, 2, l, s, 16, 8, dtype)
+    q, k, v = make_qkv(1, 2, l, s, 16, 8, dtype, device=device)
     expected = expected_forward(q, k, v, is_causal=True)
     check_forward(forward(q, k, v, is_causal=True), expected, dtype)
-    attn_mask = make_mask((l, s), "float", dtype)
-    kpm = make_mask((1, s), "bool")
+    attn_mask = make_mask((l, s), "float", dtype, device)
+    kpm = make_mask((1, s), "bool", device=device)
     kpm[:, 0] = False  # keep every row attendable through key 0
     check_forward(
         forward(q, k, v, attn_mask, kpm, is_causal=True),
@@ -609,9 +656,9 @@ def test_forward_causal(ls: Tuple[int, int], dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("scale", [0.0, 0.1, 1.0, 2.5, -0.7])
-def test_forward_custom_scale(scale: float, dtype: torch.dtype) -> None:
-    q, k, v = make_qkv(2, 1, 65, 129, 17, 17, dtype)
-    attn_mask = make_mask((65, 129), "bool")
+def test_forward_custom_scale(scale: float, dtype: torch.dtype, device: str) -> None:
+    q, k, v = make_qkv(2, 1, 65, 129, 17, 17, dtype, device=device)
+    attn_mask = make_mask((65, 129), "bool", device=device)
     check_forward(
         forward(q, k, v, attn_mask, scale=scale),
         expected_forward(q, k, v, attn_mask, scale=scale),
@@ -649,7 +696,7 @@ def _fully_masked_cases(n: int, h: int, l: int, s: int) -> Dict[str, dict]:
     "case",
     ["kpm", "bool_attn_mask", "float_attn_mask_-inf", "causal+float_-inf", "float_kpm+zero_mask"],
 )
-def test_fully_masked_rows(case: str, dtype: torch.dtype, average: bool) -> None:
+def test_fully_masked_rows(case: str, dtype: torch.dtype, average: bool, device: str) -> None:
     """Fully masked rows: zero output, zero weights, softmax_stats (+inf, 0), zero and finite
     gradients; with average_weights, a row masked in some heads only averages their zeros."""
     n, h, l, s = 2, 2, 130, 129
@@ -657,14 +704,16 @@ def test_fully_masked_rows(case: str, dtype: torch.dtype, average: bool) -> None
     # Float masks take the query's dtype and require grad (their gradients are checked too).
     kwargs = {
         key: (
-            val.to(dtype).requires_grad_()
+            val.to(device=device, dtype=dtype).requires_grad_()
             if torch.is_tensor(val) and val.is_floating_point()
+            else val.to(device)
+            if torch.is_tensor(val)
             else val
         )
         for key, val in kwargs.items()
     }
     masks = {key: val for key, val in kwargs.items() if torch.is_tensor(val) and val.requires_grad}
-    q, k, v = make_qkv(n, h, l, s, 16, 16, dtype)
+    q, k, v = make_qkv(n, h, l, s, 16, 16, dtype, device=device)
     for t in (q, k, v):
         t.requires_grad_(True)
     exp = expected_forward(q, k, v, **kwargs)
@@ -678,13 +727,12 @@ def test_fully_masked_rows(case: str, dtype: torch.dtype, average: bool) -> None
     assert torch.equal(weights.detach()[weight_rows], torch.zeros_like(weights[weight_rows]))
     if average:
         assert bool((weights.detach()[rows.any(1) & ~rows.all(1)].sum(-1) > 0).all())
-    assert torch.equal(
-        stats[rows], torch.tensor([math.inf, 0.0], dtype=stats.dtype).expand(int(rows.sum()), 2)
-    )
+    fully_masked_stats = torch.tensor([math.inf, 0.0], dtype=stats.dtype, device=stats.device)
+    assert torch.equal(stats[rows], fully_masked_stats.expand(int(rows.sum()), 2))
     assert bool(torch.isfinite(stats[~rows]).all())
 
-    go = randn(*out.shape, dtype=dtype)
-    gw = randn(*weights.shape, dtype=dtype)
+    go = randn(*out.shape, dtype=dtype, device=device)
+    gw = randn(*weights.shape, dtype=dtype, device=device)
     names = ["query", "key", "value", *masks]
     grads = torch.autograd.grad((out * go).sum() + (weights * gw).sum(), [q, k, v, *masks.values()])
     for g in grads:
@@ -696,13 +744,13 @@ def test_fully_masked_rows(case: str, dtype: torch.dtype, average: bool) -> None
         assert_close(g, ref[name], _grad_tolerance(dtype, ref[name]), name)
 
 
-def test_no_keys_visible_anywhere() -> None:
+def test_no_keys_visible_anywhere(device: str) -> None:
     """Everything masked: the whole output is zero, every gradient zero."""
-    q, k, v = make_qkv(1, 2, 70, 130, 8, 8, torch.float32)
+    q, k, v = make_qkv(1, 2, 70, 130, 8, 8, torch.float32, device=device)
     q.requires_grad_(True)
     k.requires_grad_(True)
     v.requires_grad_(True)
-    kpm = torch.ones(1, 130, dtype=torch.bool)
+    kpm = torch.ones(1, 130, dtype=torch.bool, device=device)
     for average in (False, True):
         out, stats, w = forward(q, k, v, None, kpm, average_weights=average)
         assert w.shape == ((1, 70, 130) if average else (1, 2, 70, 130))
@@ -730,7 +778,7 @@ HUGE_NEGATIVE_MASKS = [
     ids=[f"{dtype_id(d)}_{v:.0e}" for d, v in HUGE_NEGATIVE_MASKS],
 )
 def test_huge_finite_negative_masks(
-    dtype: torch.dtype, value: float, via: str, average: bool
+    dtype: torch.dtype, value: float, via: str, average: bool, device: str
 ) -> None:
     """Regression: masks of a huge finite negative number (masked_fill(m, -1e9), finfo.min).
 
@@ -750,26 +798,26 @@ def test_huge_finite_negative_masks(
     """
     n, h, l, s, e = 2, 2, 70, 130, 16  # crosses a query tile (64) and a key tile (128)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    q, k, v = (t.requires_grad_() for t in make_qkv(n, h, l, s, e, e, dtype))
+    q, k, v = (t.requires_grad_() for t in make_qkv(n, h, l, s, e, e, dtype, device=device))
     if via == "attn_mask":
-        mask = torch.zeros(l, s, dtype=dtype)
+        mask = torch.zeros(l, s, dtype=dtype, device=device)
         mask[[1, 65]] = value  # every key of queries 1 and 65: uniform rows in two query tiles
         mask[3, ::2] = value  # half the keys
         mask[66, 100:] = value  # the keys across the key-tile boundary
-        uniform = torch.zeros(n, h, l, dtype=torch.bool)
+        uniform = torch.zeros(n, h, l, dtype=torch.bool, device=device)
         uniform[:, :, [1, 65]] = True
     else:
-        mask = torch.zeros(n, s, dtype=dtype)
+        mask = torch.zeros(n, s, dtype=dtype, device=device)
         mask[0] = value  # every query of batch 0 sees only huge negative keys
         mask[1, ::3] = value
-        uniform = torch.zeros(n, h, l, dtype=torch.bool)
+        uniform = torch.zeros(n, h, l, dtype=torch.bool, device=device)
         uniform[0] = True
     assert float(mask.min()) == value  # the value is exact in the dtype
     mask.requires_grad_()
     masks = {via: mask}
     # The premise: in the kernel's accumulate dtype every score of a uniform row is absorbed.
     scores = reference_scores(q, k, None, None, False, None).to(acc)
-    assert bool((scores + torch.tensor(value, dtype=acc) == value).all())
+    assert bool((scores + torch.tensor(value, dtype=acc, device=device) == value).all())
 
     out, stats, w = forward(q, k, v, need_weights=True, average_weights=average, **masks)
     assert w.shape == ((n, l, s) if average else (n, h, l, s))
@@ -778,7 +826,7 @@ def test_huge_finite_negative_masks(
     # float32 lse would have lost the log(S)); the other rows as the float64 reference says.
     offset, log_sum = stats[..., 0], stats[..., 1]
     assert bool((offset[uniform] == value).all())
-    log_s = torch.full((int(uniform.sum()),), math.log(s), dtype=torch.float64)
+    log_s = torch.full((int(uniform.sum()),), math.log(s), dtype=torch.float64, device=device)
     assert_close(log_sum[uniform], log_s, _stats_tol(dtype), "log_sum of the uniform rows")
     exp_true = expected_forward(q, k, v, **masks)
     assert_close(offset[~uniform], exp_true.row_max[~uniform], _stats_tol(dtype), "offset")
@@ -801,8 +849,8 @@ def test_huge_finite_negative_masks(
         "uniform weights 1/S",
     )
 
-    go = randn(*out.shape, dtype=dtype)
-    gw = randn(*w.shape, dtype=dtype)
+    go = randn(*out.shape, dtype=dtype, device=device)
+    gw = randn(*w.shape, dtype=dtype, device=device)
     inputs = [q, k, v, mask]
     grads = torch.autograd.grad((out * go).sum() + (w * gw).sum(), inputs)
     names = ("query", "key", "value", via)
@@ -858,22 +906,23 @@ def _assert_runs_in_subprocess(code: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=shape_id)
-def test_empty_dimensions(shape: Tuple[int, ...], dtype: torch.dtype) -> None:
+def test_empty_dimensions(shape: Tuple[int, ...], dtype: torch.dtype, device: str) -> None:
     """Zero-sized batch, heads, lengths or head dims: forward and backward vs the reference.
 
     S = 0 leaves every query without keys (zero output, softmax_stats (+inf, 0)); E = 0 gives
     equal scores (uniform weights, default scale 1). Per-head and head-averaged weights.
     """
     n, h, l, s, e, ev = shape
-    q, k, v = (t.requires_grad_() for t in make_qkv(n, h, l, s, e, ev, dtype))
+    q, k, v = (t.requires_grad_() for t in make_qkv(n, h, l, s, e, ev, dtype, device=device))
     if h == 0:
         # Averaging over zero heads has crashed the process (integer division by zero in the
         # CPU weights kernel, SIGFPE): try it in a child process first, so that a crash fails
         # this test instead of killing the test run.
+        where = f"dtype=torch.{dtype_id(dtype)}, device='{device}'"
         _assert_runs_in_subprocess(
-            f"q = torch.randn({n}, 0, {l}, {e}, dtype=torch.{dtype_id(dtype)})\n"
-            f"v = torch.randn({n}, 0, {s}, {ev}, dtype=torch.{dtype_id(dtype)})\n"
-            f"k = torch.randn({n}, 0, {s}, {e}, dtype=torch.{dtype_id(dtype)})\n"
+            f"q = torch.randn({n}, 0, {l}, {e}, {where})\n"
+            f"v = torch.randn({n}, 0, {s}, {ev}, {where})\n"
+            f"k = torch.randn({n}, 0, {s}, {e}, {where})\n"
             "torch.ops.torch_mha.attention_forward(q, k, v, need_weights=True, "
             "average_weights=True)\n"
         )
@@ -894,18 +943,20 @@ def test_empty_dimensions(shape: Tuple[int, ...], dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("upstream", ["sum", "transposed", "weights_sum", "weights_transposed"])
-def test_backward_strided_upstream_gradients(upstream: str) -> None:
+def test_backward_strided_upstream_gradients(upstream: str, device: str) -> None:
     """Gradients arriving with stride 0 or transposed layouts (grad_output and grad_weights)."""
     n, h, l, s, e, ev = 2, 2, 70, 130, 16, 8
-    q, k, v = (t.requires_grad_() for t in make_qkv(n, h, l, s, e, ev, torch.float64))
+    q, k, v = (
+        t.requires_grad_() for t in make_qkv(n, h, l, s, e, ev, torch.float64, device=device)
+    )
     out, _, w = forward(q, k, v, need_weights=True)
-    go = torch.zeros(n, h, l, ev, dtype=torch.float64)
-    gw = torch.zeros(n, h, l, s, dtype=torch.float64)
+    go = torch.zeros(n, h, l, ev, dtype=torch.float64, device=device)
+    gw = torch.zeros(n, h, l, s, dtype=torch.float64, device=device)
     if upstream == "sum":  # grad_output is an expanded scalar
         loss = out.sum()
         go += 1
     elif upstream == "transposed":
-        x = torch.randn(n, l, h, ev, dtype=torch.float64)
+        x = randn(n, l, h, ev, device=device)
         loss = (out.transpose(1, 2) * x).sum()
         go += x.transpose(1, 2)
     elif upstream == "weights_sum":  # grad_weights is an expanded scalar
@@ -913,7 +964,7 @@ def test_backward_strided_upstream_gradients(upstream: str) -> None:
         go += 1
         gw += 1
     else:
-        x = torch.randn(n, h, s, l, dtype=torch.float64)
+        x = randn(n, h, s, l, device=device)
         loss = (w.transpose(-1, -2) * x).sum()
         gw += x.transpose(-1, -2)
     grads = torch.autograd.grad(loss, (q, k, v))
@@ -922,8 +973,10 @@ def test_backward_strided_upstream_gradients(upstream: str) -> None:
         assert_close(g, ref[name], _grad_tolerance(torch.float64, ref[name]), name)
 
 
-def _qkv_small(dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor, Tensor]:
-    return make_qkv(1, 2, 5, 6, 4, 4, dtype)
+def _qkv_small(
+    dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return make_qkv(1, 2, 5, 6, 4, 4, dtype, device=device)
 
 
 ARGUMENT_ERRORS: Dict[str, Tuple[Callable[[Tensor, Tensor, Tensor], object], type, str]] = {
@@ -996,9 +1049,9 @@ ARGUMENT_ERRORS: Dict[str, Tuple[Callable[[Tensor, Tensor, Tensor], object], typ
 
 
 @pytest.mark.parametrize("case", list(ARGUMENT_ERRORS))
-def test_argument_errors(case: str) -> None:
+def test_argument_errors(case: str, device: str) -> None:
     fn, error, message = ARGUMENT_ERRORS[case]
-    q, k, v = _qkv_small()
+    q, k, v = _qkv_small(device=device)
     with pytest.raises(error, match=message):
         fn(q, k, v)
     # The Meta kernel runs the same checks.
@@ -1006,7 +1059,71 @@ def test_argument_errors(case: str) -> None:
         fn(*(t.to("meta") for t in (q, k, v)))
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+# Arguments on another device than the query. With a CUDA query the other device is the CPU
+# (the case users hit: a mask or seed left on the host); with a CPU query it is "meta", the
+# only other device a CPU-only machine has. Each error names the argument.
+DEVICE_MISMATCH_ERRORS: Dict[str, Tuple[Callable[..., object], str]] = {
+    "attn_mask": (
+        lambda q, k, v, other: OPS.attention_forward(q, k, v, torch.zeros(5, 6, device=other)),
+        "expected attn_mask on the same device as query",
+    ),
+    "bool_attn_mask": (
+        lambda q, k, v, other: OPS.attention_forward(
+            q, k, v, torch.zeros(5, 6, dtype=torch.bool, device=other)
+        ),
+        "expected attn_mask on the same device as query",
+    ),
+    "key_padding_mask": (
+        lambda q, k, v, other: OPS.attention_forward(
+            q, k, v, None, torch.zeros(1, 6, dtype=torch.bool, device=other)
+        ),
+        "expected key_padding_mask on the same device as query",
+    ),
+    "key": (
+        lambda q, k, v, other: OPS.attention_forward(q, k.to(other), v),
+        "expected query, key and value on the same device",
+    ),
+    "value": (
+        lambda q, k, v, other: OPS.attention_forward(q, k, v.to(other)),
+        "expected query, key and value on the same device",
+    ),
+    "dropout_seed": (
+        lambda q, k, v, other: OPS.attention_forward(
+            q, k, v, dropout_p=0.5, dropout_seed=torch.tensor([1], device=other)
+        ),
+        "expected dropout_seed on",
+    ),
+    "backward_grad_output": (
+        lambda q, k, v, other: OPS.attention_backward(
+            *_backward_args_with_grad_output_on(q, k, v, other)
+        ),
+        "expected grad_output on",
+    ),
+}
+
+
+def _backward_args_with_grad_output_on(q: Tensor, k: Tensor, v: Tensor, other: str) -> tuple:
+    out, stats, _ = OPS.attention_forward(q, k, v)
+    go = torch.ones(out.shape, dtype=out.dtype, device=other)
+    return (go, q, k, v, out, stats, None, None, False, None, 0.0, None, None, False, False)
+
+
+@pytest.mark.parametrize("case", list(DEVICE_MISMATCH_ERRORS))
+def test_device_mismatch_errors(case: str, device: str) -> None:
+    fn, message = DEVICE_MISMATCH_ERRORS[case]
+    q, k, v = _qkv_small(device=device)
+    other = "cpu" if torch.device(device).type == "cuda" else "meta"
+    with pytest.raises(RuntimeError, match=message):
+        fn(q, k, v, other)
+
+
+# The device fixture is a constant string, so sharing it across examples is safe.
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     l=st.integers(1, 140),
     s=st.integers(1, 140),
@@ -1018,15 +1135,23 @@ def test_argument_errors(case: str) -> None:
     layout=st.sampled_from(["contiguous", "seq_major", "strided_last", "mixed"]),
 )
 def test_forward_backward_random_problems(
-    l: int, s: int, e: int, ev: int, causal: bool, mask_kind: str, kpm_kind: str, layout: str
+    device: str,
+    l: int,
+    s: int,
+    e: int,
+    ev: int,
+    causal: bool,
+    mask_kind: str,
+    kpm_kind: str,
+    layout: str,
 ) -> None:
     """Random shapes, masks and layouts in float64: forward and gradients vs the reference."""
     torch.manual_seed(l * 1000 + s)
     n, h = 1, 2
-    q, k, v = make_qkv(n, h, l, s, e, ev, torch.float64, layout)
+    q, k, v = make_qkv(n, h, l, s, e, ev, torch.float64, layout, device)
     mask_shape = (h, 1, s) if l % 2 else (l, s)
-    attn_mask = None if mask_kind == "none" else make_mask(mask_shape, mask_kind)
-    kpm = None if kpm_kind == "none" else make_mask((n, s), kpm_kind)
+    attn_mask = None if mask_kind == "none" else make_mask(mask_shape, mask_kind, device=device)
+    kpm = None if kpm_kind == "none" else make_mask((n, s), kpm_kind, device=device)
     check_forward(
         forward(q, k, v, attn_mask, kpm, causal),
         expected_forward(q, k, v, attn_mask, kpm, causal),
@@ -1146,17 +1271,19 @@ GRAD_CASES = [
 ]
 
 
-def _run_grad_case(case: GradCase, dtype: torch.dtype) -> None:
+def _run_grad_case(case: GradCase, dtype: torch.dtype, device: str = "cpu") -> None:
     n, h, l, s, e, ev = case.shape
-    q, k, v = make_qkv(n, h, l, s, e, ev, dtype, case.layout)
+    q, k, v = make_qkv(n, h, l, s, e, ev, dtype, case.layout, device)
     # Leaves (views of a base where the layout says so) that require grad.
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
 
     def in_dtype(t: Optional[Tensor]) -> Optional[Tensor]:
-        # Float64 masks take the query's dtype; the float32 mask case stays float32.
-        if t is None or t.dtype != torch.float64:
+        # Masks move to the device as leaves; float64 masks take the query's dtype, the
+        # float32 mask case stays float32.
+        if t is None:
             return t
-        return t.detach().to(dtype).requires_grad_(t.requires_grad)
+        to_dtype = dtype if t.dtype == torch.float64 else t.dtype
+        return t.detach().to(device=device, dtype=to_dtype).requires_grad_(t.requires_grad)
 
     mask_leaf = in_dtype(case.attn_mask(n, h, l, s)) if case.attn_mask else None
     attn_mask = mask_leaf
@@ -1177,8 +1304,10 @@ def _run_grad_case(case: GradCase, dtype: torch.dtype) -> None:
     )
     if case.weights_grad:
         assert weights.shape == ((n, l, s) if case.average_weights else (n, h, l, s))
-    go = randn(*out.shape, dtype=dtype) if case.output_grad else torch.zeros_like(out)
-    gw = randn(*weights.shape, dtype=dtype) if case.weights_grad else None
+    go = (
+        randn(*out.shape, dtype=dtype, device=device) if case.output_grad else torch.zeros_like(out)
+    )
+    gw = randn(*weights.shape, dtype=dtype, device=device) if case.weights_grad else None
     loss = (out * go).sum()
     if gw is not None:
         loss = (weights * gw).sum() + (loss if case.output_grad else 0)
@@ -1212,8 +1341,8 @@ def _run_grad_case(case: GradCase, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: c.name)
-def test_backward_float64_vs_reference(case: GradCase) -> None:
-    _run_grad_case(case, torch.float64)
+def test_backward_float64_vs_reference(case: GradCase, device: str) -> None:
+    _run_grad_case(case, torch.float64, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
@@ -1234,14 +1363,16 @@ def test_backward_float64_vs_reference(case: GradCase) -> None:
     ],
     ids=lambda c: c.name,
 )
-def test_backward_low_precision_vs_reference(case: GradCase, dtype: torch.dtype) -> None:
-    _run_grad_case(case, dtype)
+def test_backward_low_precision_vs_reference(
+    case: GradCase, dtype: torch.dtype, device: str
+) -> None:
+    _run_grad_case(case, dtype, device)
 
 
 def _gradcheck_inputs(
-    l: int = 5, s: int = 7, e: int = 4, ev: int = 3, n: int = 2, h: int = 2
+    l: int = 5, s: int = 7, e: int = 4, ev: int = 3, n: int = 2, h: int = 2, device: str = "cpu"
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    q, k, v = make_qkv(n, h, l, s, e, ev, torch.float64)
+    q, k, v = make_qkv(n, h, l, s, e, ev, torch.float64, device=device)
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
 
 
@@ -1285,26 +1416,27 @@ GRADCHECK_CASES: Dict[str, dict] = {
 
 
 @pytest.mark.parametrize("name", list(GRADCHECK_CASES))
-def test_gradcheck(name: str) -> None:
+def test_gradcheck(name: str, device: str) -> None:
+    """float64 gradcheck (float64 runs on CUDA too, with float64 accumulation)."""
     cfg = dict(GRADCHECK_CASES[name])
     dims = {key: cfg.pop(key) for key in ("l", "s", "e", "ev", "n", "h") if key in cfg}
     fast = cfg.pop("fast", False)
-    q, k, v = _gradcheck_inputs(**dims)
+    q, k, v = _gradcheck_inputs(**dims, device=device)
     n, h, l, s = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     attn_kind, kpm_kind = cfg.pop("attn_mask", None), cfg.pop("kpm", None)
     attn_mask = {
         None: None,
-        "bool": torch.rand(l, s) < 0.3,
-        "bool_full_row": torch.zeros(n, 1, l, s, dtype=torch.bool).index_fill_(
-            2, torch.tensor([1]), True
-        ),
-        "float_grad": randn(n, h, l, s, requires_grad=True),
-        "float_grad_H1S": randn(h, 1, s, requires_grad=True),
+        "bool": (torch.rand(l, s) < 0.3).to(device),
+        "bool_full_row": torch.zeros(n, 1, l, s, dtype=torch.bool)
+        .index_fill_(2, torch.tensor([1]), True)
+        .to(device),
+        "float_grad": randn(n, h, l, s, requires_grad=True, device=device),
+        "float_grad_H1S": randn(h, 1, s, requires_grad=True, device=device),
     }[attn_kind]
     kpm = {
         None: None,
-        "bool": torch.rand(n, s) < 0.3,
-        "float_grad": randn(n, s, requires_grad=True),
+        "bool": (torch.rand(n, s) < 0.3).to(device),
+        "float_grad": randn(n, s, requires_grad=True, device=device),
     }[kpm_kind]
     is_causal = cfg.pop("is_causal", False)
     scale = cfg.pop("scale", None)
@@ -1312,7 +1444,7 @@ def test_gradcheck(name: str) -> None:
     need_weights = cfg.pop("need_weights", False)
     average_weights = cfg.pop("average_weights", False)
     assert not cfg
-    seed = torch.tensor([987654321], dtype=torch.long) if dropout_p > 0 else None
+    seed = torch.tensor([987654321], dtype=torch.long, device=device) if dropout_p > 0 else None
 
     inputs: List[Tensor] = [q, k, v]
     if attn_mask is not None and attn_mask.requires_grad:
@@ -1336,8 +1468,8 @@ def test_gradcheck(name: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["gradgradcheck", "create_graph"])
-def test_double_backward_raises(how: str) -> None:
-    q, k, v = _gradcheck_inputs()
+def test_double_backward_raises(how: str, device: str) -> None:
+    q, k, v = _gradcheck_inputs(device=device)
 
     def fn(qq: Tensor, kk: Tensor, vv: Tensor) -> Tensor:
         return OPS.attention_forward(qq, kk, vv)[0]
@@ -1356,20 +1488,20 @@ def test_double_backward_raises(how: str) -> None:
 
 
 def _dropout_run(
-    seed: int, p: float, dtype: torch.dtype
+    seed: int, p: float, dtype: torch.dtype, device: str = "cpu"
 ) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     torch.manual_seed(1)  # same q, k, v for every seed
-    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 70, 130, 8, 8, dtype))
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 70, 130, 8, 8, dtype, device=device))
     out, _, w = forward(q, k, v, dropout_p=p, seed=seed, need_weights=True)
     go = torch.ones_like(out)
     grads = torch.autograd.grad((out * go).sum() + w.sum(), (q, k, v))
     return out.detach(), w.detach(), grads
 
 
-def test_dropout_same_seed_identical_different_seed_different() -> None:
-    out1, w1, g1 = _dropout_run(1234, 0.3, torch.float32)
-    out2, w2, g2 = _dropout_run(1234, 0.3, torch.float32)
-    out3, w3, g3 = _dropout_run(1235, 0.3, torch.float32)
+def test_dropout_same_seed_identical_different_seed_different(device: str) -> None:
+    out1, w1, g1 = _dropout_run(1234, 0.3, torch.float32, device)
+    out2, w2, g2 = _dropout_run(1234, 0.3, torch.float32, device)
+    out3, w3, g3 = _dropout_run(1235, 0.3, torch.float32, device)
     assert torch.equal(out1, out2) and torch.equal(w1, w2)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
@@ -1379,8 +1511,10 @@ def test_dropout_same_seed_identical_different_seed_different() -> None:
         assert not torch.equal(a, b)
 
 
-def test_dropout_python_wrapper_uses_default_generator() -> None:
-    q, k, v = make_qkv(1, 2, 65, 129, 8, 8, torch.float32)
+def test_dropout_python_wrapper_uses_default_generator(device: str) -> None:
+    """The seed is drawn on the query's device from its default generator (the CUDA generator
+    for CUDA inputs), which torch.manual_seed seeds on every device."""
+    q, k, v = make_qkv(1, 2, 65, 129, 8, 8, torch.float32, device=device)
     torch.manual_seed(7)
     out1, w1 = torch_mha.attention(q, k, v, dropout_p=0.5, need_weights=True)
     torch.manual_seed(7)
@@ -1394,9 +1528,9 @@ def test_dropout_python_wrapper_uses_default_generator() -> None:
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_rate(p: float) -> None:
+def test_dropout_rate(p: float, device: str) -> None:
     n, h, l, s = 2, 2, 128, 256
-    q, k, v = make_qkv(n, h, l, s, 8, 8, torch.float32)
+    q, k, v = make_qkv(n, h, l, s, 8, 8, torch.float32, device=device)
     _, _, w = forward(q, k, v, dropout_p=p, seed=20240611 + int(p * 10), need_weights=True)
     # Without masks every probability is > 0, so a zero weight is exactly a dropped element.
     total = w.numel()
@@ -1412,10 +1546,10 @@ def test_dropout_rate(p: float) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("p", [0.2, 0.6])
-def test_dropout_output_is_weights_times_value(p: float, dtype: torch.dtype) -> None:
+def test_dropout_output_is_weights_times_value(p: float, dtype: torch.dtype, device: str) -> None:
     n, h, l, s = 2, 2, 129, 200
-    q, k, v = make_qkv(n, h, l, s, 16, 24, dtype)
-    kpm = make_mask((n, s), "bool")
+    q, k, v = make_qkv(n, h, l, s, 16, 24, dtype, device=device)
+    kpm = make_mask((n, s), "bool", device=device)
     out, _, w = forward(q, k, v, None, kpm, True, dropout_p=p, seed=99, need_weights=True)
     assert bool((w == 0).any())
     assert_close(out, w.double() @ v.double(), _forward_tol(dtype))
@@ -1432,12 +1566,16 @@ def test_dropout_output_is_weights_times_value(p: float, dtype: torch.dtype) -> 
     ids=["plain", "causal", "masks", "masks+causal+scale"],
 )
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_forward_and_backward_use_the_same_mask(config: dict, p: float) -> None:
+def test_dropout_forward_and_backward_use_the_same_mask(
+    config: dict, p: float, device: str
+) -> None:
     """Gradients equal autograd through the reference with the mask the forward returned."""
     n, h, l, s = 2, 2, 129, 130
-    q, k, v = (t.requires_grad_() for t in make_qkv(n, h, l, s, 16, 8, torch.float64))
-    attn_mask = randn(h, l, s, requires_grad=True) if config.get("masks") else None
-    kpm = make_mask((n, s), "bool") if config.get("masks") else None
+    q, k, v = (
+        t.requires_grad_() for t in make_qkv(n, h, l, s, 16, 8, torch.float64, device=device)
+    )
+    attn_mask = randn(h, l, s, requires_grad=True, device=device) if config.get("masks") else None
+    kpm = make_mask((n, s), "bool", device=device) if config.get("masks") else None
     is_causal = config.get("is_causal", False)
     scale = config.get("scale")
     out, _, w = forward(q, k, v, attn_mask, kpm, is_causal, scale, p, seed=4242, need_weights=True)
@@ -1517,12 +1655,13 @@ def python_keep_mask(seed: int, n: int, h: int, l: int, s: int, p: float) -> Ten
     [(0, 0.5), (123456789, 0.1), ((1 << 40) + 17, 0.9), (-3, 1.0 / 3.0)],
     ids=["seed0", "seed_small", "seed_above_2^32", "seed_negative"],
 )
-def test_dropout_mask_is_philox(seed: int, p: float) -> None:
+def test_dropout_mask_is_philox(seed: int, p: float, device: str) -> None:
+    """The keep mask is common/dropout.h's Philox on every device (so CPU and CUDA agree)."""
     n, h, l, s = 2, 2, 67, 133  # crosses a query tile (64) and a key tile (128), s % 4 != 0
-    q, k, v = make_qkv(n, h, l, s, 4, 4, torch.float32)
+    q, k, v = make_qkv(n, h, l, s, 4, 4, torch.float32, device=device)
     _, _, w = forward(q, k, v, dropout_p=p, seed=seed, need_weights=True)
     expected_keep = python_keep_mask(seed, n, h, l, s, p)
-    assert torch.equal(w != 0, expected_keep)
+    assert torch.equal((w != 0).cpu(), expected_keep)
 
 
 # =============================================================================================
@@ -1536,11 +1675,13 @@ AVERAGE_CONFIGS = {
 }
 
 
-def _average_inputs(config: dict, dtype: torch.dtype, n: int, h: int, l: int, s: int) -> dict:
+def _average_inputs(
+    config: dict, dtype: torch.dtype, n: int, h: int, l: int, s: int, device: str = "cpu"
+) -> dict:
     kwargs: dict = dict(is_causal=config.get("is_causal", False), scale=config.get("scale"))
     if config.get("masks"):
-        kwargs["attn_mask"] = make_mask((h, l, s), "float", dtype)
-        kwargs["key_padding_mask"] = make_mask((n, s), "bool")
+        kwargs["attn_mask"] = make_mask((h, l, s), "float", dtype, device)
+        kwargs["key_padding_mask"] = make_mask((n, s), "bool", device=device)
         kwargs["key_padding_mask"][:, 0] = False
     if config.get("dropout_p"):
         kwargs.update(dropout_p=config["dropout_p"], seed=2024)
@@ -1549,15 +1690,15 @@ def _average_inputs(config: dict, dtype: torch.dtype, n: int, h: int, l: int, s:
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("config", list(AVERAGE_CONFIGS))
-def test_averaged_weights_forward(config: str, dtype: torch.dtype) -> None:
+def test_averaged_weights_forward(config: str, dtype: torch.dtype, device: str) -> None:
     """average_weights=True returns (N, L, S) weights equal to the mean over heads of the
     per-head weights of the same call (same seed: same dropout mask), and to the mean over heads
     of the float64 reference probabilities (bf16/fp16 included: averaged in float32, rounded
     once). Output and softmax_stats do not depend on the flag."""
     cfg = AVERAGE_CONFIGS[config]
     n, h, l, s, e, ev = 2, 3, 129, 130, 16, 8  # three heads; crosses query and key tiles
-    q, k, v = make_qkv(n, h, l, s, e, ev, dtype)
-    kwargs = _average_inputs(cfg, dtype, n, h, l, s)
+    q, k, v = make_qkv(n, h, l, s, e, ev, dtype, device=device)
+    kwargs = _average_inputs(cfg, dtype, n, h, l, s, device)
     out_h, stats_h, w_h = forward(q, k, v, need_weights=True, **kwargs)
     out_a, stats_a, w_a = forward(q, k, v, need_weights=True, average_weights=True, **kwargs)
     assert w_h.shape == (n, h, l, s) and w_a.shape == (n, l, s) and w_a.dtype == dtype
@@ -1585,22 +1726,24 @@ def test_averaged_weights_forward(config: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("average", [False, True], ids=["per_head", "averaged"])
-def test_weights_flags_without_need_weights(average: bool) -> None:
+def test_weights_flags_without_need_weights(average: bool, device: str) -> None:
     """average_weights without need_weights returns an empty weights tensor and the same
     output and softmax_stats."""
-    q, k, v = make_qkv(2, 2, 70, 130, 16, 8, torch.float64)
+    q, k, v = make_qkv(2, 2, 70, 130, 16, 8, torch.float64, device=device)
     result = forward(q, k, v, need_weights=False, average_weights=average)
     check_forward(result, expected_forward(q, k, v), torch.float64, need_weights=False)
 
 
 @pytest.mark.parametrize("config", ["dropout", "dropout+masks+causal"])
-def test_dropout_averaged_weights_gradients(config: str) -> None:
+def test_dropout_averaged_weights_gradients(config: str, device: str) -> None:
     """Gradients through head-averaged dropped-out weights equal autograd through reference.py
     (mean over heads of the reference probabilities times the forward's dropout factors)."""
     cfg = AVERAGE_CONFIGS[config]
     n, h, l, s, e, ev = 2, 3, 129, 130, 16, 8
-    q, k, v = (t.requires_grad_() for t in make_qkv(n, h, l, s, e, ev, torch.float64))
-    kwargs = _average_inputs(cfg, torch.float64, n, h, l, s)
+    q, k, v = (
+        t.requires_grad_() for t in make_qkv(n, h, l, s, e, ev, torch.float64, device=device)
+    )
+    kwargs = _average_inputs(cfg, torch.float64, n, h, l, s, device)
     mask = kwargs.get("attn_mask")
     if mask is not None:
         mask.requires_grad_()
@@ -1618,10 +1761,10 @@ def test_dropout_averaged_weights_gradients(config: str) -> None:
         assert_close(g, ref[name], _grad_tolerance(torch.float64, ref[name]), name)
 
 
-def test_python_wrapper_average_weights() -> None:
+def test_python_wrapper_average_weights(device: str) -> None:
     """torch_mha.attention(..., need_weights=True, average_weights=True): (N, L, S) weights,
     the mean of the per-head ones; the same seed gives the same dropout mask."""
-    q, k, v = make_qkv(2, 3, 65, 129, 8, 8, torch.float32)
+    q, k, v = make_qkv(2, 3, 65, 129, 8, 8, torch.float32, device=device)
     out_h, w_h = torch_mha.attention(q, k, v, need_weights=True)
     out_a, w_a = torch_mha.attention(q, k, v, need_weights=True, average_weights=True)
     assert w_a.shape == (2, 65, 129) and torch.equal(out_a, out_h)
@@ -1667,6 +1810,8 @@ DETERMINISM_CASES = {
 }
 
 
+# CPU-only: the point is the OpenMP thread count (torch.set_num_threads), which the CUDA
+# kernels do not depend on. tests/test_cuda.py checks that CUDA runs are bitwise reproducible.
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
 def test_bitwise_deterministic_across_runs_and_threads(case: str) -> None:
     cfg = DETERMINISM_CASES[case]
@@ -1711,24 +1856,33 @@ def _opcheck(op, args: tuple, kwargs: Optional[dict] = None) -> None:
     assert not failures, failures
 
 
-def _forward_opcheck_args(name: str, requires_grad: bool) -> Tuple[tuple, dict]:
+def _forward_opcheck_args(
+    name: str, requires_grad: bool, device: str = "cpu"
+) -> Tuple[tuple, dict]:
     n, h, l, s, e, ev = 2, 2, 5, 7, 4, 3
-    q, k, v = make_qkv(n, h, l, s, e, ev, torch.float32, "seq_major")
+    q, k, v = make_qkv(n, h, l, s, e, ev, torch.float32, "seq_major", device)
     q, k, v = (t.requires_grad_(requires_grad) for t in (q, k, v))
+
+    def float_mask(*shape: int) -> Tensor:
+        return torch.randn(*shape).to(device).requires_grad_(requires_grad)
+
+    def seed(value: int) -> Tensor:
+        return torch.tensor([value], device=device)
+
     kwargs: dict = {}
     if name == "masks":
-        kwargs["attn_mask"] = torch.rand(l, s) < 0.3
-        kwargs["key_padding_mask"] = torch.randn(n, s).requires_grad_(requires_grad)
+        kwargs["attn_mask"] = (torch.rand(l, s) < 0.3).to(device)
+        kwargs["key_padding_mask"] = float_mask(n, s)
     elif name == "float_mask_broadcast":
-        kwargs["attn_mask"] = torch.randn(h, 1, s).requires_grad_(requires_grad)
+        kwargs["attn_mask"] = float_mask(h, 1, s)
     elif name == "causal":
         kwargs["is_causal"] = True
         kwargs["scale"] = 0.5
     elif name == "dropout_weights":
-        kwargs.update(dropout_p=0.3, dropout_seed=torch.tensor([77]), need_weights=True)
+        kwargs.update(dropout_p=0.3, dropout_seed=seed(77), need_weights=True)
     elif name == "weights_masks_causal":
         kwargs.update(
-            attn_mask=torch.randn(n, h, l, s).requires_grad_(requires_grad),
+            attn_mask=float_mask(n, h, l, s),
             is_causal=True,
             need_weights=True,
         )
@@ -1736,10 +1890,10 @@ def _forward_opcheck_args(name: str, requires_grad: bool) -> Tuple[tuple, dict]:
         kwargs.update(need_weights=True, average_weights=True)
     elif name == "averaged_weights_dropout_masks":
         kwargs.update(
-            attn_mask=torch.randn(h, 1, s).requires_grad_(requires_grad),
-            key_padding_mask=torch.rand(n, s) < 0.3,
+            attn_mask=float_mask(h, 1, s),
+            key_padding_mask=(torch.rand(n, s) < 0.3).to(device),
             dropout_p=0.3,
-            dropout_seed=torch.tensor([78]),
+            dropout_seed=seed(78),
             need_weights=True,
             average_weights=True,
         )
@@ -1763,27 +1917,27 @@ def _forward_opcheck_args(name: str, requires_grad: bool) -> Tuple[tuple, dict]:
         "average_flag_without_weights",
     ],
 )
-def test_opcheck_attention_forward(name: str, requires_grad: bool) -> None:
-    args, kwargs = _forward_opcheck_args(name, requires_grad)
+def test_opcheck_attention_forward(name: str, requires_grad: bool, device: str) -> None:
+    args, kwargs = _forward_opcheck_args(name, requires_grad, device)
     _opcheck(OPS.attention_forward.default, args, kwargs)
 
 
 @pytest.mark.parametrize("grad_weights", ["none", "per_head", "averaged"])
-def test_opcheck_attention_backward(grad_weights: str) -> None:
+def test_opcheck_attention_backward(grad_weights: str, device: str) -> None:
     n, h, l, s, e, ev = 2, 3, 5, 7, 4, 3
-    q, k, v = make_qkv(n, h, l, s, e, ev, torch.float32)
-    attn_mask = torch.randn(h, l, s)
-    kpm = torch.randn(n, s)
-    seed = torch.tensor([5])
+    q, k, v = make_qkv(n, h, l, s, e, ev, torch.float32, device=device)
+    attn_mask = torch.randn(h, l, s).to(device)
+    kpm = torch.randn(n, s).to(device)
+    seed = torch.tensor([5], device=device)
     # Per-head weights of the same call (same seed): the dropout mask, read off the zeros.
     out, stats, w = OPS.attention_forward(
         q, k, v, attn_mask, kpm, True, None, 0.25, seed, True, False
     )
     average = grad_weights == "averaged"
-    go = torch.randn_like(out)
+    go = torch.randn(out.shape).to(device)
     gw = None
     if grad_weights != "none":
-        gw = torch.randn(n, l, s) if average else torch.randn(n, h, l, s)
+        gw = (torch.randn(n, l, s) if average else torch.randn(n, h, l, s)).to(device)
     args = (go, q, k, v, out, stats, attn_mask, kpm, True, None, 0.25, seed, gw, average, True)
     _opcheck(OPS.attention_backward.default, args)
     # And the result is the reference's gradient (dropout factors from the returned weights).
@@ -1857,7 +2011,12 @@ MHA_CASES = [
 ]
 
 
-def _mha_args(case: MhaCase, dtype: torch.dtype = torch.float32, requires_grad: bool = True):
+def _mha_args(
+    case: MhaCase,
+    dtype: torch.dtype = torch.float32,
+    requires_grad: bool = True,
+    device: str = "cpu",
+):
     e, heads, l, s, n = case.e, case.heads, case.l, case.s, case.n
     kdim, vdim = (5, 7) if case.kind == "separate" else (e, e)
 
@@ -1866,10 +2025,10 @@ def _mha_args(case: MhaCase, dtype: torch.dtype = torch.float32, requires_grad: 
             shape = (length, dim)
         else:
             shape = (n, length, dim) if case.batch_first else (length, n, dim)
-        return randn(*shape, dtype=dtype, requires_grad=requires_grad)
+        return randn(*shape, dtype=dtype, requires_grad=requires_grad, device=device)
 
     def param(*shape: int) -> Tensor:
-        return (randn(*shape, dtype=dtype) * 0.3).requires_grad_(requires_grad)
+        return (randn(*shape, dtype=dtype, device=device) * 0.3).requires_grad_(requires_grad)
 
     query = seq(l, e)
     if case.kind == "self":
@@ -1890,16 +2049,18 @@ def _mha_args(case: MhaCase, dtype: torch.dtype = torch.float32, requires_grad: 
     if case.attn_mask == "bool2d":
         attn_mask = torch.rand(l, s) < 0.3
         attn_mask[:, 0] = False
+        attn_mask = attn_mask.to(device)
     elif case.attn_mask == "float3d":
-        attn_mask = randn(n * heads, l, s, dtype=dtype)
+        attn_mask = randn(n * heads, l, s, dtype=dtype, device=device)
     elif case.attn_mask == "causal":
-        attn_mask = torch.ones(l, s, dtype=torch.bool).triu(1)
+        attn_mask = torch.ones(l, s, dtype=torch.bool, device=device).triu(1)
     kpm = None
     if case.kpm == "bool":
         kpm = torch.rand(n, s) < 0.3
         kpm[:, 0] = False
+        kpm = kpm.to(device)
     elif case.kpm == "float":
-        kpm = randn(n, s, dtype=dtype)
+        kpm = randn(n, s, dtype=dtype, device=device)
     args = (
         query,
         key,
@@ -1931,17 +2092,17 @@ def _mha_args(case: MhaCase, dtype: torch.dtype = torch.float32, requires_grad: 
 
 
 @pytest.mark.parametrize("case", MHA_CASES, ids=lambda c: c.name)
-def test_opcheck_multi_head_attention(case: MhaCase) -> None:
-    args, kwargs = _mha_args(case)
+def test_opcheck_multi_head_attention(case: MhaCase, device: str) -> None:
+    args, kwargs = _mha_args(case, device=device)
     _opcheck(OPS.multi_head_attention.default, args, kwargs)
 
 
 @pytest.mark.parametrize(
     "case", [c for c in MHA_CASES if c.dropout_p == 0.0 or not c.training], ids=lambda c: c.name
 )
-def test_multi_head_attention_matches_torch(case: MhaCase) -> None:
+def test_multi_head_attention_matches_torch(case: MhaCase, device: str) -> None:
     """The composite op against torch.nn.functional.multi_head_attention_forward (float64)."""
-    args, kwargs = _mha_args(case, torch.float64)
+    args, kwargs = _mha_args(case, torch.float64, device=device)
     out, weights = OPS.multi_head_attention(*args, **kwargs)
     (query, key, value, e, heads, in_w, in_b, bias_k, bias_v, zero_attn, p, out_w, out_b) = args
     tq, tk, tv = query, key, value
@@ -1982,7 +2143,7 @@ def test_multi_head_attention_matches_torch(case: MhaCase) -> None:
 
 
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
-def test_multi_head_attention_dropout(batch_first: bool) -> None:
+def test_multi_head_attention_dropout(batch_first: bool, device: str) -> None:
     """Training dropout in the composite op: reproducible under torch.manual_seed, absent in
     eval, and the output is out_proj(heads(weights @ V)) for the post-dropout weights."""
     case = MhaCase(
@@ -1997,7 +2158,7 @@ def test_multi_head_attention_dropout(batch_first: bool) -> None:
         average=False,
         batch_first=batch_first,
     )
-    args, kwargs = _mha_args(case, torch.float64, requires_grad=False)
+    args, kwargs = _mha_args(case, torch.float64, requires_grad=False, device=device)
     torch.manual_seed(11)
     out1, w1 = OPS.multi_head_attention(*args, **kwargs)
     torch.manual_seed(11)
@@ -2055,11 +2216,13 @@ META_LAYOUTS = ["contiguous", "seq_major", "time_major", "packed_qkv", "transpos
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("layout", META_LAYOUTS)
-def test_meta_matches_cpu_metadata(layout: str, dtype: torch.dtype) -> None:
+def test_meta_matches_cpu_metadata(layout: str, dtype: torch.dtype, device: str) -> None:
+    """Meta (FakeTensor) outputs have the shapes, dtypes and strides of the real outputs on
+    every device (CUDA allocates its outputs with the same shared function)."""
     n, h, l, s, e, ev = 2, 3, 9, 9, 4, 4
-    q, k, v = make_qkv(n, h, l, s, e, ev, dtype, layout)
-    mask = torch.randn(h, l, s, dtype=dtype)
-    kpm = torch.rand(n, s) < 0.2
+    q, k, v = make_qkv(n, h, l, s, e, ev, dtype, layout, device)
+    mask = torch.randn(h, l, s, dtype=dtype).to(device)
+    kpm = (torch.rand(n, s) < 0.2).to(device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     weight_shapes = {
         (False, False): (0,),
@@ -2130,8 +2293,8 @@ def test_meta_output_follows_projection_layout() -> None:
 
 
 @pytest.mark.parametrize("case", MHA_CASES, ids=lambda c: c.name)
-def test_meta_multi_head_attention(case: MhaCase) -> None:
-    args, kwargs = _mha_args(case, requires_grad=False)
+def test_meta_multi_head_attention(case: MhaCase, device: str) -> None:
+    args, kwargs = _mha_args(case, requires_grad=False, device=device)
     real = OPS.multi_head_attention(*args, **kwargs)
     memo: Dict[int, Tensor] = {}
     meta = OPS.multi_head_attention(*_meta_copy(args, memo), **_meta_copy(kwargs, memo))
@@ -2146,10 +2309,10 @@ def test_meta_multi_head_attention(case: MhaCase) -> None:
 @pytest.mark.parametrize(
     "which", ["query", "key", "value", "attn_mask", "key_padding_mask", "none"]
 )
-def test_requires_grad_propagation(which: str) -> None:
-    q, k, v = make_qkv(1, 2, 5, 7, 4, 4, torch.float32)
-    mask = torch.randn(5, 7)
-    kpm = torch.randn(1, 7)
+def test_requires_grad_propagation(which: str, device: str) -> None:
+    q, k, v = make_qkv(1, 2, 5, 7, 4, 4, torch.float32, device=device)
+    mask = torch.randn(5, 7).to(device)
+    kpm = torch.randn(1, 7).to(device)
     tensors = {"query": q, "key": k, "value": v, "attn_mask": mask, "key_padding_mask": kpm}
     if which != "none":
         tensors[which].requires_grad_()
@@ -2172,9 +2335,9 @@ def test_requires_grad_propagation(which: str) -> None:
         assert (t.grad is not None) == (name == which), name
 
 
-def test_no_grad_and_inference_mode_build_no_graph() -> None:
-    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 5, 7, 4, 4, torch.float32))
-    mask = torch.randn(5, 7, requires_grad=True)
+def test_no_grad_and_inference_mode_build_no_graph(device: str) -> None:
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 5, 7, 4, 4, torch.float32, device=device))
+    mask = torch.randn(5, 7).to(device).requires_grad_()
     expected = expected_forward(q, k, v, mask).output
     with torch.no_grad():
         out, _, w = OPS.attention_forward(q, k, v, mask, need_weights=True)
@@ -2186,12 +2349,12 @@ def test_no_grad_and_inference_mode_build_no_graph() -> None:
     assert_close(out, expected, _forward_tol(torch.float32))
 
 
-def test_grads_only_for_inputs_that_require_them() -> None:
-    q, k, v = make_qkv(2, 2, 9, 11, 4, 6, torch.float64)
+def test_grads_only_for_inputs_that_require_them(device: str) -> None:
+    q, k, v = make_qkv(2, 2, 9, 11, 4, 6, torch.float64, device=device)
     q.requires_grad_()
     v.requires_grad_()
-    float_mask = torch.randn(2, 1, 9, 11, dtype=torch.float64)  # does not require grad
-    kpm = torch.randn(2, 11, dtype=torch.float64, requires_grad=True)
+    float_mask = randn(2, 1, 9, 11, device=device)  # does not require grad
+    kpm = randn(2, 11, requires_grad=True, device=device)
     out, _, w = OPS.attention_forward(q, k, v, float_mask, kpm, need_weights=True)
     (out.sum() + w.pow(2).sum()).backward()
     assert k.grad is None and float_mask.grad is None
@@ -2204,8 +2367,8 @@ def test_grads_only_for_inputs_that_require_them() -> None:
     assert "attn_mask" not in ref
 
 
-def test_weights_not_differentiable_without_need_weights() -> None:
-    q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, 4, 4, 4, 4, torch.float32))
+def test_weights_not_differentiable_without_need_weights(device: str) -> None:
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, 4, 4, 4, 4, torch.float32, device=device))
     for average in (False, True):
         out, _, w = OPS.attention_forward(q, k, v, average_weights=average)
         assert out.requires_grad and not w.requires_grad and w.numel() == 0
@@ -2241,6 +2404,8 @@ def _peak_aten_cpu_bytes(fn: Callable[[], None]) -> int:
     return max(ev.extra_fields.total_allocated for ev in events) - baseline
 
 
+# CPU-only: the measurement is the ATen CPU allocator as seen by the CPU profiler
+# (profile_memory=True). CUDA memory would need torch.cuda.max_memory_allocated and other bounds.
 def test_memory_is_linear_in_length() -> None:
     n, h, e = 1, 4, 64
     mib = 1 << 20

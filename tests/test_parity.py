@@ -35,6 +35,13 @@ weights on/off).
 Sections: 1 parity matrix, is_causal, float-mask gradients / huge negative masks / large logits;
 2 non-contiguous inputs; 3 empty inputs; 4 module surface; 5 inside nn.Transformer*Layer;
 6 fully masked rows; 7 dropout; 8 functional interface.
+
+Devices: every comparison that computes takes the `device` fixture (tests/conftest.py) and runs
+nn and torch_mha on the same device, the CPU and CUDA (reported as skipped without a GPU). The
+module-surface tests of section 4 (parameter names, state_dict, pickling, attributes) do not
+depend on the device and run on the CPU only. On CUDA, float32 tolerances get
+conftest.tolerance_factor (2x): torch_mha's CUDA kernels and nn's CUDA paths sum in other orders
+than the CPU measurements above; float64 keeps its tolerances.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tolerance_factor
 from reference import reference_attention
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -68,10 +76,12 @@ OursMHA = torch_mha.MultiheadAttention
 Pair = Tuple[nn.MultiheadAttention, torch_mha.MultiheadAttention]
 
 
-def tol_for(dtype: torch.dtype, *, grad: bool = False) -> Dict[str, float]:
+def tol_for(dtype: torch.dtype, *, grad: bool = False, device: str = "cpu") -> Dict[str, float]:
     if dtype == torch.float64:
         return F64_TOL
-    return F32_GRAD_TOL if grad else F32_OUT_TOL
+    tol = F32_GRAD_TOL if grad else F32_OUT_TOL
+    factor = tolerance_factor(device, dtype)  # 2x for float32 on CUDA (see conftest.py)
+    return {name: value * factor for name, value in tol.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,10 +102,12 @@ def make_pair(
     batch_first: bool = False,
     dtype: torch.dtype = torch.float64,
     randomize_biases: bool = True,
+    device: str = "cpu",
 ) -> Pair:
-    """(nn module, torch_mha module) with identical weights.
+    """(nn module, torch_mha module) with identical weights, on `device`.
 
     nn initialises every bias to zero, which would hide bias bugs, so biases are randomised first.
+    The modules are initialised on the CPU (the same weights for every device) and moved.
     """
     kwargs = dict(
         dropout=dropout,
@@ -115,7 +127,7 @@ def make_pair(
                     param.copy_(0.5 * torch.randn_like(param))
     ours = OursMHA(embed_dim, num_heads, **kwargs)
     ours.load_state_dict(ref.state_dict())
-    return ref, ours
+    return ref.to(device), ours.to(device)
 
 
 @dataclass
@@ -182,11 +194,13 @@ def backward(
 ) -> Dict[str, Tensor]:
     # Upstream gradients are drawn in float64 and cast, so float32 and float64 runs of the same
     # problem get the same upstream values.
+    # They are drawn on the CPU (the same values on every device) and moved to the output's.
     gen = torch.Generator().manual_seed(upstream_seed)
-    loss = (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)).sum()
+    up_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    loss = (out * up_out.to(device=out.device, dtype=out.dtype)).sum()
     if weights is not None and grad_weights:
-        up_w = torch.randn(weights.shape, generator=gen, dtype=torch.float64).to(weights.dtype)
-        loss = loss + (weights * up_w).sum()
+        up_w = torch.randn(weights.shape, generator=gen, dtype=torch.float64)
+        loss = loss + (weights * up_w.to(device=weights.device, dtype=weights.dtype)).sum()
     targets: Dict[str, Tensor] = {f"input:{k}": v for k, v in leaves.items()}
     if module is not None:
         targets.update({k: p for k, p in module.named_parameters() if p.requires_grad})
@@ -233,8 +247,17 @@ def seq_shape(batch: Optional[int], length: int, dim: int, batch_first: bool) ->
 
 
 def float_mask_from(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive mask: -inf where ``mask`` is True, random finite values elsewhere."""
-    return torch.randn(mask.shape, dtype=dtype).masked_fill(mask, float("-inf"))
+    """Additive mask: -inf where ``mask`` is True, random finite values elsewhere (drawn on the
+    CPU, on ``mask``'s device)."""
+    values = torch.randn(mask.shape, dtype=dtype).to(mask.device)
+    return values.masked_fill(mask, float("-inf"))
+
+
+def to_device(t: Optional[Tensor], device: str) -> Optional[Tensor]:
+    """t on device (None stays None); a tensor that requires grad becomes a leaf there."""
+    if t is None:
+        return None
+    return t.detach().to(device).requires_grad_(t.requires_grad)
 
 
 def make_masks(
@@ -354,7 +377,8 @@ class Case:
         return "-".join(p for p in parts if p)
 
 
-def make_case_inputs(case: Case) -> Inputs:
+def make_case_inputs(case: Case, device: str = "cpu") -> Inputs:
+    """Inputs drawn on the CPU (the same values for every device) as leaves on ``device``."""
     E, H = case.dims
     L, S = case.lengths
     kdim, vdim = case.kv_dims
@@ -362,7 +386,7 @@ def make_case_inputs(case: Case) -> Inputs:
     N, bf, dt = case.batch, case.batch_first, case.dtype
 
     def leaf(length: int, dim: int) -> Tensor:
-        return torch.randn(seq_shape(N, length, dim, bf), dtype=dt).requires_grad_()
+        return torch.randn(seq_shape(N, length, dim, bf), dtype=dt).to(device).requires_grad_()
 
     if case.kind == "self":
         x = leaf(L, E)
@@ -376,10 +400,10 @@ def make_case_inputs(case: Case) -> Inputs:
         q, k, v = leaf(L, E), leaf(S, kdim), leaf(S, vdim)
         leaves = {"query": q, "key": k, "value": v}
     kpm, am = make_masks(case.mask, batch=N, heads=H, L=L, S=S, dtype=dt)
-    return Inputs(q, k, v, leaves, kpm, am)
+    return Inputs(q, k, v, leaves, to_device(kpm, device), to_device(am, device))
 
 
-def check_parity(case: Case) -> None:
+def check_parity(case: Case, device: str = "cpu") -> None:
     E, H = case.dims
     kdim, vdim = case.kv_dims
     ref, ours = make_pair(
@@ -392,8 +416,9 @@ def check_parity(case: Case) -> None:
         vdim=vdim,
         batch_first=case.batch_first,
         dtype=case.dtype,
+        device=device,
     )
-    inp = make_case_inputs(case)
+    inp = make_case_inputs(case, device)
     if case.kind == "self":
         assert inp.query is inp.key is inp.value
     if "kv_same" in case.kind:
@@ -418,9 +443,10 @@ def check_parity(case: Case) -> None:
     assert_results_close(
         ours_res,
         ref_res,
-        out_tol=tol_for(case.dtype),
-        grad_tol=tol_for(case.dtype, grad=True),
+        out_tol=tol_for(case.dtype, device=device),
+        grad_tol=tol_for(case.dtype, grad=True, device=device),
     )
+    assert ours_res.out.device == inp.query.device
     # Expected shapes spelled out (not only "same as nn").
     L, S = case.lengths
     S_total = S + int(case.add_bias_kv) + int(case.add_zero_attn)
@@ -540,28 +566,28 @@ STRUCTURE_CASES = [
 
 
 @pytest.mark.parametrize("case", PAIRWISE_CASES, ids=lambda c: c.id)
-def test_parity_pairwise(case: Case) -> None:
+def test_parity_pairwise(case: Case, device: str) -> None:
     """All-pairs selection over every axis of the matrix (float64)."""
-    check_parity(case)
+    check_parity(case, device)
 
 
 @pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: c.id)
-def test_parity_masks(case: Case) -> None:
+def test_parity_masks(case: Case, device: str) -> None:
     """mask kind x need_weights/average x layout, full product (float64)."""
-    check_parity(case)
+    check_parity(case, device)
 
 
 @pytest.mark.parametrize("case", PADDING_CASES, ids=lambda c: c.id)
-def test_parity_masks_with_bias_kv_and_zero_attn(case: Case) -> None:
+def test_parity_masks_with_bias_kv_and_zero_attn(case: Case, device: str) -> None:
     """mask kind x (add_bias_kv, add_zero_attn) x weights x cross/self, full product (float64)."""
-    check_parity(case)
+    check_parity(case, device)
 
 
 @pytest.mark.parametrize("case", STRUCTURE_CASES, ids=lambda c: c.id)
-def test_parity_projection_branches(case: Case) -> None:
+def test_parity_projection_branches(case: Case, device: str) -> None:
     """layout x projection kind (packed self / kv / cross, separate) x bias x bias_kv x zero_attn
     x weights on/off, full product (float64)."""
-    check_parity(case)
+    check_parity(case, device)
 
 
 def test_pairwise_selection_covers_all_pairs() -> None:
@@ -597,9 +623,9 @@ F32_CASES = [
 
 
 @pytest.mark.parametrize("case", F32_CASES, ids=lambda c: c.id)
-def test_parity_float32(case: Case) -> None:
+def test_parity_float32(case: Case, device: str) -> None:
     """float32 parity with nn, and torch_mha's float32 error is of the order of nn's own."""
-    check_parity(case)
+    check_parity(case, device)
 
     # Accuracy relative to a float64 run of the same computation.
     E, H = case.dims
@@ -614,9 +640,10 @@ def test_parity_float32(case: Case) -> None:
         vdim=vdim,
         batch_first=case.batch_first,
         dtype=torch.float32,
+        device=device,
     )
     ref64 = copy.deepcopy(ref32).double()
-    inp32 = make_case_inputs(case)
+    inp32 = make_case_inputs(case, device)
     inp64 = _cast_inputs(inp32, torch.float64)
     kwargs = dict(need_weights=case.weights != "none", average_attn_weights=case.weights == "avg")
     with warnings.catch_warnings():
@@ -662,9 +689,9 @@ def _cast_inputs(inp: Inputs, dtype: torch.dtype) -> Inputs:
 # ---------------------------------------------------------------------------------------------
 
 
-def causal_bool(L: int, S: int) -> Tensor:
+def causal_bool(L: int, S: int, device: str = "cpu") -> Tensor:
     """Top-left aligned causal mask (True = masked), what SDPA's is_causal means."""
-    return torch.ones(L, S, dtype=torch.bool).triu(1)
+    return torch.ones(L, S, dtype=torch.bool, device=device).triu(1)
 
 
 @pytest.mark.parametrize("shape", ["square_self", "L<S", "L>S"])
@@ -673,30 +700,42 @@ def causal_bool(L: int, S: int) -> Tensor:
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
 def test_is_causal_with_tril_mask(
-    batch_first: bool, need_weights: bool, with_kpm: bool, mask_dtype: str, shape: str
+    batch_first: bool, need_weights: bool, with_kpm: bool, mask_dtype: str, shape: str, device: str
 ) -> None:
     """is_causal=True with the matching causal attn_mask: same results as nn in every branch
     (need_weights=False without kpm: the kernel's own causal rule; otherwise the mask)."""
     E, H, N = 16, 4, 3
     L, S = {"square_self": (6, 6), "L<S": (4, 7), "L>S": (8, 5)}[shape]
-    ref, ours = make_pair(E, H, batch_first=batch_first)
-    mask = causal_bool(L, S)
+    ref, ours = make_pair(E, H, batch_first=batch_first, device=device)
+    mask = causal_bool(L, S, device)
     attn_mask = mask
     if mask_dtype == "float":  # exactly the causal mask: 0 / -inf
-        attn_mask = torch.zeros(L, S, dtype=torch.float64).masked_fill(mask, float("-inf"))
+        attn_mask = torch.zeros(L, S, dtype=torch.float64, device=device).masked_fill(
+            mask, float("-inf")
+        )
     kpm = None
     if with_kpm:
         kpm = torch.rand(N, S) < 0.4
         kpm[:, 0] = False  # query 0 sees only key 0 under the causal mask
         if mask_dtype == "float":
             kpm = float_mask_from(kpm, torch.float64)
+        kpm = kpm.to(device)
+    dt = torch.float64
     if shape == "square_self":
-        x = torch.randn(seq_shape(N, L, E, batch_first), dtype=torch.float64, requires_grad=True)
+        x = torch.randn(
+            seq_shape(N, L, E, batch_first), dtype=dt, device=device, requires_grad=True
+        )
         inp = Inputs(x, x, x, {"x": x}, kpm, attn_mask)
     else:
-        q = torch.randn(seq_shape(N, L, E, batch_first), dtype=torch.float64, requires_grad=True)
-        k = torch.randn(seq_shape(N, S, E, batch_first), dtype=torch.float64, requires_grad=True)
-        v = torch.randn(seq_shape(N, S, E, batch_first), dtype=torch.float64, requires_grad=True)
+        q = torch.randn(
+            seq_shape(N, L, E, batch_first), dtype=dt, device=device, requires_grad=True
+        )
+        k = torch.randn(
+            seq_shape(N, S, E, batch_first), dtype=dt, device=device, requires_grad=True
+        )
+        v = torch.randn(
+            seq_shape(N, S, E, batch_first), dtype=dt, device=device, requires_grad=True
+        )
         inp = Inputs(q, k, v, {"q": q, "k": k, "v": v}, kpm, attn_mask)
     for avg in [True, False] if need_weights else [True]:
         kw = dict(need_weights=need_weights, average_attn_weights=avg, is_causal=True)
@@ -714,17 +753,20 @@ def test_is_causal_with_tril_mask(
 
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
 @pytest.mark.parametrize("with_kpm", [False, True], ids=["no_kpm", "kpm"])
-def test_is_causal_hint_follows_nn_with_wrong_mask(need_weights: bool, with_kpm: bool) -> None:
+def test_is_causal_hint_follows_nn_with_wrong_mask(
+    need_weights: bool, with_kpm: bool, device: str
+) -> None:
     """A wrong hint (is_causal=True with a non-causal mask) behaves exactly as in nn: the causal
     rule replaces the mask only with need_weights=False and no kpm; otherwise the mask is used."""
     E, H, N, L = 16, 2, 2, 6
-    ref, ours = make_pair(E, H)
-    x = torch.randn(L, N, E, dtype=torch.float64, requires_grad=True)
+    ref, ours = make_pair(E, H, device=device)
+    x = torch.randn(L, N, E, dtype=torch.float64, device=device, requires_grad=True)
     mask = torch.rand(L, L) < 0.4
     mask[:, L - 1] = False  # the last key stays visible: not causal, never fully masked
+    mask = mask.to(device)
     kpm = None
     if with_kpm:
-        kpm = torch.zeros(N, L, dtype=torch.bool)
+        kpm = torch.zeros(N, L, dtype=torch.bool, device=device)
         kpm[1, 2] = True
     inp = Inputs(x, x, x, {"x": x}, kpm, mask)
     kw = dict(need_weights=need_weights, is_causal=True)
@@ -768,7 +810,7 @@ def test_is_causal_without_mask_raises_like_nn(
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
 def test_float_mask_gradients(
-    batch_first: bool, need_weights: bool, mask_shape: str, extra_key: str
+    batch_first: bool, need_weights: bool, mask_shape: str, extra_key: str, device: str
 ) -> None:
     """Float masks are differentiable in nn (e.g. a learned relative-position bias passed as
     attn_mask): gradients w.r.t. attn_mask and key_padding_mask match nn, through the
@@ -780,13 +822,15 @@ def test_float_mask_gradients(
         batch_first=batch_first,
         add_bias_kv=extra_key == "bias_kv",
         add_zero_attn=extra_key == "zero_attn",
+        device=device,
     )
     batch: Optional[int] = None if mask_shape == "unbatched_3d" else N
-    q = torch.randn(seq_shape(batch, L, E, batch_first), dtype=torch.float64, requires_grad=True)
-    kv = torch.randn(seq_shape(batch, S, E, batch_first), dtype=torch.float64, requires_grad=True)
+    f64 = dict(dtype=torch.float64, device=device, requires_grad=True)
+    q = torch.randn(seq_shape(batch, L, E, batch_first), **f64)
+    kv = torch.randn(seq_shape(batch, S, E, batch_first), **f64)
     am_shape = (L, S) if mask_shape == "2d" else ((N if batch else 1) * H, L, S)
-    am = torch.randn(am_shape, dtype=torch.float64, requires_grad=True)
-    kpm = torch.randn((N, S) if batch else (S,), dtype=torch.float64, requires_grad=True)
+    am = torch.randn(am_shape, **f64)
+    kpm = torch.randn((N, S) if batch else (S,), **f64)
     inp = Inputs(
         q, kv, kv, {"query": q, "kv": kv, "attn_mask": am, "key_padding_mask": kpm}, kpm, am
     )
@@ -811,7 +855,7 @@ HUGE_NEGATIVE = [
     "dtype,value", HUGE_NEGATIVE, ids=[f"{str(d)[6:]}_{v:.0e}" for d, v in HUGE_NEGATIVE]
 )
 def test_huge_negative_float_masks(
-    dtype: torch.dtype, value: float, via: str, need_weights: bool
+    dtype: torch.dtype, value: float, via: str, need_weights: bool, device: str
 ) -> None:
     """Masks that use a large finite negative number instead of -inf (``masked_fill(m, -1e9)``,
     ``torch.finfo(dtype).min`` as in Hugging Face models). A row whose every key carries that
@@ -830,16 +874,16 @@ def test_huge_negative_float_masks(
     row statistics as (offset, log_sum) and matches the exact math, in both need_weights
     modes."""
     E, H, N, L, S = 16, 4, 2, 5, 6
-    ref, ours = make_pair(E, H, dtype=dtype)
-    q = torch.randn(L, N, E, dtype=dtype, requires_grad=True)
-    kv = torch.randn(S, N, E, dtype=dtype, requires_grad=True)
+    ref, ours = make_pair(E, H, dtype=dtype, device=device)
+    q = torch.randn(L, N, E, dtype=dtype, device=device, requires_grad=True)
+    kv = torch.randn(S, N, E, dtype=dtype, device=device, requires_grad=True)
     kpm = am = None
     if via == "kpm":
-        kpm = torch.zeros(N, S, dtype=dtype)
+        kpm = torch.zeros(N, S, dtype=dtype, device=device)
         kpm[0, :] = value  # every key of batch 0
         kpm[1, 2:4] = value
     else:
-        am = torch.zeros(L, S, dtype=dtype)
+        am = torch.zeros(L, S, dtype=dtype, device=device)
         am[1, :] = value  # every key of query 1
         am[3, ::2] = value
     inp = Inputs(q, kv, kv, {"query": q, "kv": kv}, kpm, am)
@@ -851,24 +895,28 @@ def test_huge_negative_float_masks(
     if need_weights:
         # Weights are probabilities: every row sums to one.
         sums = ours_res.weights.sum(-1)
-        torch.testing.assert_close(sums, torch.ones_like(sums), **tol_for(dtype))
+        torch.testing.assert_close(sums, torch.ones_like(sums), **tol_for(dtype, device=device))
     assert_results_close(
-        ours_res, ref_res, out_tol=tol_for(dtype), grad_tol=tol_for(dtype, grad=True)
+        ours_res,
+        ref_res,
+        out_tol=tol_for(dtype, device=device),
+        grad_tol=tol_for(dtype, grad=True, device=device),
     )
 
 
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
 @pytest.mark.parametrize("scale", [10.0, 40.0])
-def test_large_logits(scale: float, need_weights: bool) -> None:
+def test_large_logits(scale: float, need_weights: bool, device: str) -> None:
     """Inputs scaled up so that the scores reach hundreds (near one-hot softmax, exp overflow
     without max subtraction): same results as nn in float64."""
     E, H, N, L, S = 16, 2, 2, 6, 9
-    ref, ours = make_pair(E, H)
-    q = (scale * torch.randn(L, N, E, dtype=torch.float64)).requires_grad_()
-    k = (scale * torch.randn(S, N, E, dtype=torch.float64)).requires_grad_()
-    v = torch.randn(S, N, E, dtype=torch.float64, requires_grad=True)
+    ref, ours = make_pair(E, H, device=device)
+    q = (scale * torch.randn(L, N, E, dtype=torch.float64, device=device)).requires_grad_()
+    k = (scale * torch.randn(S, N, E, dtype=torch.float64, device=device)).requires_grad_()
+    v = torch.randn(S, N, E, dtype=torch.float64, device=device, requires_grad=True)
     kpm = torch.rand(N, S) < 0.3
     kpm[:, 0] = False
+    kpm = kpm.to(device)
     inp = Inputs(q, k, v, {"q": q, "k": k, "v": v}, kpm)
     kw = dict(need_weights=need_weights, average_attn_weights=False)
     ours_res = run(ours, inp, **kw)
@@ -896,13 +944,13 @@ NONCONTIG_VARIANTS = [
 
 
 def _noncontig_inputs(
-    variant: str, E: int, H: int, N: int, L: int, S: int, kdim: int
+    variant: str, E: int, H: int, N: int, L: int, S: int, kdim: int, device: str = "cpu"
 ) -> Tuple[Inputs, bool]:
     """Inputs built as non-contiguous views of leaf tensors; returns (inputs, batch_first)."""
     dt = torch.float64
 
     def leaf(*shape: int) -> Tensor:
-        return torch.randn(*shape, dtype=dt, requires_grad=True)
+        return torch.randn(*shape, dtype=dt, device=device, requires_grad=True)
 
     if variant == "transposed":  # (L, N, E) views of batch-major storage
         a, b, c = leaf(N, L, E), leaf(N, S, E), leaf(N, S, E)
@@ -928,9 +976,9 @@ def _noncontig_inputs(
     if variant == "masks_noncontig":
         a, b, c = leaf(L, N, E), leaf(S, N, E), leaf(S, N, E)
         kpm_storage = torch.zeros(S, N, dtype=dt).masked_fill(torch.rand(S, N) < 0.3, float("-inf"))
-        kpm = kpm_storage.t()  # (N, S) float mask, non-contiguous
+        kpm = kpm_storage.to(device).t()  # (N, S) float mask, non-contiguous
         kpm[:, 0] = 0.0
-        am_storage = torch.randn(N * H, S, L, dtype=dt)
+        am_storage = torch.randn(N * H, S, L, dtype=dt, device=device)
         am = am_storage.transpose(1, 2)  # (N*H, L, S) float mask, non-contiguous
         assert not kpm.is_contiguous() and not am.is_contiguous()
         return Inputs(a, b, c, {"a": a, "b": b, "c": c}, kpm, am), False
@@ -947,15 +995,20 @@ def _noncontig_inputs(
 
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
 @pytest.mark.parametrize("variant", NONCONTIG_VARIANTS)
-def test_noncontiguous_inputs(variant: str, need_weights: bool) -> None:
+def test_noncontiguous_inputs(variant: str, need_weights: bool, device: str) -> None:
     """Non-contiguous views give the same results as contiguous copies and as nn."""
     E, H, N, L, S, kdim = 16, 4, 3, 5, 7, 12
     if variant == "self_transposed":
         S = L
-    inp, batch_first = _noncontig_inputs(variant, E, H, N, L, S, kdim)
+    inp, batch_first = _noncontig_inputs(variant, E, H, N, L, S, kdim, device)
     sep = variant == "sep_kv_permuted"
     ref, ours = make_pair(
-        E, H, batch_first=batch_first, kdim=kdim if sep else None, vdim=kdim if sep else None
+        E,
+        H,
+        batch_first=batch_first,
+        kdim=kdim if sep else None,
+        vdim=kdim if sep else None,
+        device=device,
     )
     if variant != "masks_noncontig":
         assert not inp.query.is_contiguous()
@@ -987,7 +1040,7 @@ def test_noncontiguous_inputs(variant: str, need_weights: bool) -> None:
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
 @pytest.mark.parametrize("empty", ["N=0", "L=0", "S=0"])
 def test_empty_inputs(
-    empty: str, batch_first: bool, need_weights: bool, with_kpm: bool, extra_key: str
+    empty: str, batch_first: bool, need_weights: bool, with_kpm: bool, extra_key: str, device: str
 ) -> None:
     """Zero batch, zero queries, zero keys: shapes, values and gradients as nn.
 
@@ -1006,11 +1059,13 @@ def test_empty_inputs(
         batch_first=batch_first,
         add_zero_attn=extra_key == "zero_attn",
         add_bias_kv=extra_key == "bias_kv",
+        device=device,
     )
-    q = torch.randn(seq_shape(N, L, E, batch_first), dtype=torch.float64, requires_grad=True)
-    k = torch.randn(seq_shape(N, S, E, batch_first), dtype=torch.float64, requires_grad=True)
-    v = torch.randn(seq_shape(N, S, E, batch_first), dtype=torch.float64, requires_grad=True)
-    kpm = torch.zeros(N, S, dtype=torch.bool) if with_kpm else None
+    f64 = dict(dtype=torch.float64, device=device, requires_grad=True)
+    q = torch.randn(seq_shape(N, L, E, batch_first), **f64)
+    k = torch.randn(seq_shape(N, S, E, batch_first), **f64)
+    v = torch.randn(seq_shape(N, S, E, batch_first), **f64)
+    kpm = torch.zeros(N, S, dtype=torch.bool, device=device) if with_kpm else None
     inp = Inputs(q, k, v, {"q": q, "k": k, "v": v}, kpm)
     kw = dict(need_weights=need_weights, average_attn_weights=False)
     ours_res = run(ours, inp, **kw)
@@ -1032,6 +1087,9 @@ def test_empty_inputs(
 
 # ---------------------------------------------------------------------------------------------
 # 4. Module surface
+#
+# CPU-only: parameter names, state_dict, initialisation, attributes and pickling do not depend on
+# the device the module computes on.
 # ---------------------------------------------------------------------------------------------
 
 SURFACE_CONFIGS = [
@@ -1283,8 +1341,10 @@ def swap_attention(layer: nn.Module, names: Sequence[str]) -> List[OursMHA]:
 
 
 def make_layers(
-    kind: str, batch_first: bool, norm_first: bool
+    kind: str, batch_first: bool, norm_first: bool, device: str = "cpu"
 ) -> Tuple[nn.Module, nn.Module, List[OursMHA]]:
+    """(original layer, copy with torch_mha attention, the torch_mha modules), on `device`
+    (built on the CPU, then moved)."""
     E, H = 16, 4
     cls = nn.TransformerEncoderLayer if kind == "encoder" else nn.TransformerDecoderLayer
     original = cls(
@@ -1304,33 +1364,34 @@ def make_layers(
     names = ["self_attn"] if kind == "encoder" else ["self_attn", "multihead_attn"]
     mods = swap_attention(swapped, names)
     assert [n for n, _ in swapped.named_parameters()] == [n for n, _ in original.named_parameters()]
-    return original, swapped, mods
+    return original.to(device), swapped.to(device), mods
 
 
 def layer_inputs(
-    kind: str, batch_first: bool, masks: str
+    kind: str, batch_first: bool, masks: str, device: str = "cpu"
 ) -> Tuple[Tuple[Tensor, ...], Dict[str, object]]:
     N, L, S, E = 3, 6, 7, 16
-    x = torch.randn(seq_shape(N, L, E, batch_first), dtype=torch.float64, requires_grad=True)
+    f64 = dict(dtype=torch.float64, device=device)
+    x = torch.randn(seq_shape(N, L, E, batch_first), **f64, requires_grad=True)
     kpm = None
     if "kpm" in masks:
         kpm = torch.rand(N, L) < 0.35
         kpm[:, 0] = False  # with a causal mask query 0 sees only key 0
+        kpm = kpm.to(device)
     causal = "causal" in masks
-    attn_mask = (
-        nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64) if causal else None
-    )
+    attn_mask = nn.Transformer.generate_square_subsequent_mask(L, **f64) if causal else None
     if kpm is not None and attn_mask is not None:
         # Same mask dtypes (no deprecation warning). Exactly 0 / -inf: nn's fast path turns float
         # masks back into bool (non-zero = masked out).
-        kpm = torch.zeros(kpm.shape, dtype=torch.float64).masked_fill(kpm, float("-inf"))
+        kpm = torch.zeros(kpm.shape, **f64).masked_fill(kpm, float("-inf"))
     if kind == "encoder":
         return (x,), dict(src_mask=attn_mask, src_key_padding_mask=kpm, is_causal=causal)
-    mem = torch.randn(seq_shape(N, S, E, batch_first), dtype=torch.float64, requires_grad=True)
+    mem = torch.randn(seq_shape(N, S, E, batch_first), **f64, requires_grad=True)
     mem_kpm = None
     if "kpm" in masks:
         mem_kpm = torch.rand(N, S) < 0.35
         mem_kpm[:, 3] = False
+        mem_kpm = mem_kpm.to(device)
     return (x, mem), dict(
         tgt_mask=attn_mask,
         tgt_key_padding_mask=kpm,
@@ -1343,18 +1404,20 @@ def layer_inputs(
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
-def test_transformer_layer_swap(kind: str, batch_first: bool, norm_first: bool, masks: str) -> None:
+def test_transformer_layer_swap(
+    kind: str, batch_first: bool, norm_first: bool, masks: str, device: str
+) -> None:
     """The swapped layer matches the original in train mode, eval mode (with gradients) and
     eval + no_grad (where the ORIGINAL encoder layer may take nn's fast path).
 
     A forward hook on the torch_mha modules counts their calls; a hook also disables nn's
     encoder-layer fast path, so in eval + no_grad torch_mha really computes the attention.
     (test_swapped_layer_plain_inference covers inference without hooks.)"""
-    original, swapped, mods = make_layers(kind, batch_first, norm_first)
+    original, swapped, mods = make_layers(kind, batch_first, norm_first, device)
     calls = [0]
     for m in mods:
         m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    args, kwargs = layer_inputs(kind, batch_first, masks)
+    args, kwargs = layer_inputs(kind, batch_first, masks, device)
     leaves = {f"arg{i}": a for i, a in enumerate(args)}
     for mode in ["train", "eval", "eval_no_grad"]:
         original.train(mode == "train")
@@ -1384,16 +1447,16 @@ def test_transformer_layer_swap(kind: str, batch_first: bool, norm_first: bool, 
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
 def test_swapped_layer_plain_inference(
-    kind: str, batch_first: bool, norm_first: bool, masks: str
+    kind: str, batch_first: bool, norm_first: bool, masks: str, device: str
 ) -> None:
     """Plain inference (eval + no_grad, no hooks), as a user runs it. With batch_first=True,
     nn.TransformerEncoderLayer's own fast path reads the attention module's weights and calls
     ``self_attn.merge_masks(...)`` (a torch.nn.MultiheadAttention method), so the drop-in
     replacement must provide that surface too."""
-    original, swapped, _ = make_layers(kind, batch_first, norm_first)
+    original, swapped, _ = make_layers(kind, batch_first, norm_first, device)
     original.eval()
     swapped.eval()
-    args, kwargs = layer_inputs(kind, batch_first, masks)
+    args, kwargs = layer_inputs(kind, batch_first, masks, device)
     with torch.no_grad():
         ref_out = original(*args, **kwargs)
         ours_out = swapped(*args, **kwargs)
@@ -1402,7 +1465,7 @@ def test_swapped_layer_plain_inference(
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 @pytest.mark.parametrize("mode", ["train", "eval", "eval_no_grad"])
-def test_swapped_transformer_encoder_stack(mode: str) -> None:
+def test_swapped_transformer_encoder_stack(mode: str, device: str) -> None:
     """nn.TransformerEncoder (2 layers, nested-tensor fast path enabled) with every layer's
     self_attn swapped: same output as the original stack, with a key padding mask."""
     E, H, N, L = 16, 4, 3, 6
@@ -1411,8 +1474,10 @@ def test_swapped_transformer_encoder_stack(mode: str) -> None:
     swapped = copy.deepcopy(original)
     for enc_layer in swapped.layers:
         swap_attention(enc_layer, ["self_attn"])
-    x = torch.randn(N, L, E, dtype=torch.float64, requires_grad=True)
-    kpm = torch.zeros(N, L, dtype=torch.bool)
+    original.to(device)
+    swapped.to(device)
+    x = torch.randn(N, L, E, dtype=torch.float64, device=device, requires_grad=True)
+    kpm = torch.zeros(N, L, dtype=torch.bool, device=device)
     kpm[1, 4:] = True
     kpm[2, 5:] = True  # left-aligned padding, as the nested-tensor path wants
     original.train(mode == "train")
@@ -1437,10 +1502,12 @@ def test_swapped_transformer_encoder_stack(mode: str) -> None:
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
-def test_transformer_layer_one_sgd_step(kind: str, batch_first: bool, norm_first: bool) -> None:
+def test_transformer_layer_one_sgd_step(
+    kind: str, batch_first: bool, norm_first: bool, device: str
+) -> None:
     """One SGD step (lr=0.1) on identical copies gives the same parameters."""
-    original, swapped, _ = make_layers(kind, batch_first, norm_first)
-    args, kwargs = layer_inputs(kind, batch_first, "kpm+causal")
+    original, swapped, _ = make_layers(kind, batch_first, norm_first, device)
+    args, kwargs = layer_inputs(kind, batch_first, "kpm+causal", device)
     target = torch.randn_like(args[0])
     before = {n: p.detach().clone() for n, p in swapped.named_parameters()}
     for layer in (original, swapped):
@@ -1519,19 +1586,23 @@ def _hidden(kpm: Optional[Tensor], am: Optional[Tensor], N: int, H: int, L: int,
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
 @pytest.mark.parametrize("case", FULLY_MASKED_CASES)
-def test_fully_masked_rows(case: str, batch_first: bool, need_weights: bool, bias: bool) -> None:
+def test_fully_masked_rows(
+    case: str, batch_first: bool, need_weights: bool, bias: bool, device: str
+) -> None:
     """Rows with no visible key: zero attention output (layer output = out_proj.bias), zero
     weights, finite gradients, zero query gradient; the whole output and every gradient equal
     nn's need_weights=False path (whose safe softmax also gives zeros)."""
     E, H, N, L, S = 16, 2, 3, 5, 6
-    ref, ours = make_pair(E, H, batch_first=batch_first, bias=bias)
+    ref, ours = make_pair(E, H, batch_first=batch_first, bias=bias, device=device)
     kpm, am = _fully_masked_inputs(case, N, H, L, S)
-    hidden = _hidden(kpm, am, N, H, L, S)
+    hidden = _hidden(kpm, am, N, H, L, S).to(device)
+    kpm, am = to_device(kpm, device), to_device(am, device)
     assert hidden.any()
     rows = hidden.all(1)  # (N, L): no visible key in any head
-    q = torch.randn(seq_shape(N, L, E, batch_first), dtype=torch.float64, requires_grad=True)
-    k = torch.randn(seq_shape(N, S, E, batch_first), dtype=torch.float64, requires_grad=True)
-    v = torch.randn(seq_shape(N, S, E, batch_first), dtype=torch.float64, requires_grad=True)
+    f64 = dict(dtype=torch.float64, device=device, requires_grad=True)
+    q = torch.randn(seq_shape(N, L, E, batch_first), **f64)
+    k = torch.randn(seq_shape(N, S, E, batch_first), **f64)
+    v = torch.randn(seq_shape(N, S, E, batch_first), **f64)
     inp = Inputs(q, k, v, {"query": q, "key": k, "value": v}, kpm, am)
 
     # nn side: need_weights=False (safe softmax -> zeros); only the output gets an upstream grad.
@@ -1545,7 +1616,9 @@ def test_fully_masked_rows(case: str, batch_first: bool, need_weights: bool, bia
     )
 
     out_nlE = ours_res.out if batch_first else ours_res.out.transpose(0, 1)  # (N, L, E)
-    expected_row = ours.out_proj.bias.detach() if bias else torch.zeros(E, dtype=torch.float64)
+    expected_row = (
+        ours.out_proj.bias.detach() if bias else torch.zeros(E, dtype=torch.float64, device=device)
+    )
     if rows.any():
         torch.testing.assert_close(
             out_nlE[rows], expected_row.expand(int(rows.sum()), E), **F64_TOL
@@ -1568,22 +1641,22 @@ def test_fully_masked_rows(case: str, batch_first: bool, need_weights: bool, bia
             assert torch.isfinite(g).all(), name
 
 
-def test_fully_masked_head_keeps_other_rows_finite_unlike_nn_weights_path() -> None:
+def test_fully_masked_head_keeps_other_rows_finite_unlike_nn_weights_path(device: str) -> None:
     """pytorch#160064: one fully masked head makes nn's need_weights=True output NaN everywhere;
     torch_mha stays finite and equal to nn's need_weights=False output."""
     E, H, N, L = 16, 2, 2, 4
     S = L  # self-attention
-    ref, ours = make_pair(E, H)
-    m = torch.zeros(N * H, L, S, dtype=torch.bool)
+    ref, ours = make_pair(E, H, device=device)
+    m = torch.zeros(N * H, L, S, dtype=torch.bool, device=device)
     m[1, 0] = True  # batch 0, head 1, query 0
-    x = torch.randn(L, N, E, dtype=torch.float64)
+    x = torch.randn(L, N, E, dtype=torch.float64, device=device)
     with torch.no_grad():
         nan_out, _ = ref(x, x, x, attn_mask=m, need_weights=True)
         safe_out, _ = ref(x, x, x, attn_mask=m, need_weights=False)
         ours_out, ours_w = ours(x, x, x, attn_mask=m, need_weights=True, average_attn_weights=False)
     assert torch.isnan(nan_out).any()  # the premise (nn's known behaviour)
     torch.testing.assert_close(ours_out, safe_out, **F64_TOL)
-    assert torch.equal(ours_w[0, 1, 0], torch.zeros(S, dtype=torch.float64))
+    assert torch.equal(ours_w[0, 1, 0], torch.zeros(S, dtype=torch.float64, device=device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1591,19 +1664,24 @@ def test_fully_masked_head_keeps_other_rows_finite_unlike_nn_weights_path() -> N
 # ---------------------------------------------------------------------------------------------
 
 
-def _dropout_inputs(N: int, L: int, S: int, E: int, batch_first: bool = False) -> Inputs:
-    q = torch.randn(seq_shape(N, L, E, batch_first), dtype=torch.float64, requires_grad=True)
-    k = torch.randn(seq_shape(N, S, E, batch_first), dtype=torch.float64, requires_grad=True)
-    v = torch.randn(seq_shape(N, S, E, batch_first), dtype=torch.float64, requires_grad=True)
+def _dropout_inputs(
+    N: int, L: int, S: int, E: int, batch_first: bool = False, device: str = "cpu"
+) -> Inputs:
+    f64 = dict(dtype=torch.float64, device=device, requires_grad=True)
+    q = torch.randn(seq_shape(N, L, E, batch_first), **f64)
+    k = torch.randn(seq_shape(N, S, E, batch_first), **f64)
+    v = torch.randn(seq_shape(N, S, E, batch_first), **f64)
     return Inputs(q, k, v, {"query": q, "key": k, "value": v})
 
 
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
-def test_dropout_reproducible_with_seed(need_weights: bool) -> None:
-    _, ours = make_pair(16, 4, dropout=0.4)
+def test_dropout_reproducible_with_seed(need_weights: bool, device: str) -> None:
+    """torch.manual_seed reproduces a training run (the seed comes from the default generator
+    of the input's device, the CUDA generator for CUDA inputs)."""
+    _, ours = make_pair(16, 4, dropout=0.4, device=device)
     ours.train()
-    inp = _dropout_inputs(3, 6, 7, 16)
-    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    inp = _dropout_inputs(3, 6, 7, 16, device=device)
+    kpm = torch.zeros(3, 7, dtype=torch.bool, device=device)
     kpm[:, 5] = True
     inp.key_padding_mask = kpm
     kw = dict(need_weights=need_weights, average_attn_weights=False)
@@ -1624,12 +1702,14 @@ def test_dropout_reproducible_with_seed(need_weights: bool) -> None:
 
 
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
-def test_dropout_ignored_in_eval(batch_first: bool) -> None:
-    ref, ours = make_pair(16, 4, dropout=0.5, batch_first=batch_first, add_bias_kv=True)
+def test_dropout_ignored_in_eval(batch_first: bool, device: str) -> None:
+    ref, ours = make_pair(
+        16, 4, dropout=0.5, batch_first=batch_first, add_bias_kv=True, device=device
+    )
     ref.eval()
     ours.eval()
-    inp = _dropout_inputs(3, 5, 7, 16, batch_first)
-    inp.key_padding_mask = torch.rand(3, 7) < 0.3
+    inp = _dropout_inputs(3, 5, 7, 16, batch_first, device)
+    inp.key_padding_mask = torch.rand(3, 7, device=device) < 0.3
     inp.key_padding_mask[:, 0] = False
     for nw, avg in [(True, True), (True, False), (False, True)]:
         kw = dict(need_weights=nw, average_attn_weights=avg)
@@ -1639,14 +1719,14 @@ def test_dropout_ignored_in_eval(batch_first: bool) -> None:
 
 
 @pytest.mark.parametrize("p", [0.2, 0.5])
-def test_dropout_weights_statistics(p: float) -> None:
+def test_dropout_weights_statistics(p: float, device: str) -> None:
     """Returned training weights: zeros among positive probabilities ~ p; kept entries are the
     eval probabilities scaled by 1/(1-p); masked entries stay zero; averaged weights are the head
     mean of the same dropout pattern; patterns differ between heads, rows and batches."""
     N, H, L, S, E = 4, 4, 24, 24, 16
-    _, ours = make_pair(E, H, dropout=p)
-    inp = _dropout_inputs(N, L, S, E)
-    kpm = torch.zeros(N, S, dtype=torch.bool)
+    _, ours = make_pair(E, H, dropout=p, device=device)
+    inp = _dropout_inputs(N, L, S, E, device=device)
+    kpm = torch.zeros(N, S, dtype=torch.bool, device=device)
     kpm[:, -3:] = True
     inp.key_padding_mask = kpm
     args = (inp.query, inp.key, inp.value)
@@ -1694,14 +1774,14 @@ def _manual_layer_from_heads(
 
 
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
-def test_dropout_output_uses_returned_weights(batch_first: bool) -> None:
+def test_dropout_output_uses_returned_weights(batch_first: bool, device: str) -> None:
     """The output equals the returned post-dropout per-head weights @ V-projection, merged and
     out-projected; need_weights=False with the same seed drops the same entries."""
     p = 0.35
-    _, ours = make_pair(16, 4, dropout=p, batch_first=batch_first)
+    _, ours = make_pair(16, 4, dropout=p, batch_first=batch_first, device=device)
     ours.train()
-    inp = _dropout_inputs(3, 6, 8, 16, batch_first)
-    inp.key_padding_mask = torch.zeros(3, 8, dtype=torch.bool)
+    inp = _dropout_inputs(3, 6, 8, 16, batch_first, device)
+    inp.key_padding_mask = torch.zeros(3, 8, dtype=torch.bool, device=device)
     inp.key_padding_mask[1, 2:4] = True
     with torch.no_grad():
         torch.manual_seed(21)
@@ -1724,15 +1804,15 @@ def test_dropout_output_uses_returned_weights(batch_first: bool) -> None:
 
 
 @pytest.mark.parametrize("average", [False, True], ids=["per_head", "avg"])
-def test_dropout_backward_matches_hand_built_reference(average: bool) -> None:
+def test_dropout_backward_matches_hand_built_reference(average: bool, device: str) -> None:
     """Gradients with dropout equal plain autograd through a float64 reference attention that
     applies the dropout pattern read from the returned per-head weights."""
     p = 0.3
     E, H, N, L, S = 16, 2, 2, 5, 6
     D = E // H
-    _, ours = make_pair(E, H, dropout=p)
+    _, ours = make_pair(E, H, dropout=p, device=device)
     ours.train()
-    inp = _dropout_inputs(N, L, S, E)
+    inp = _dropout_inputs(N, L, S, E, device=device)
     torch.manual_seed(99)
     out, w = ours(inp.query, inp.key, inp.value, average_attn_weights=False)
     ours_grads = backward(ours, inp.leaves, out, w)
@@ -1812,7 +1892,7 @@ FUNCTIONAL_CONFIGS = [
 
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
 @pytest.mark.parametrize("config", FUNCTIONAL_CONFIGS)
-def test_functional_matches_nn(config: str, need_weights: bool) -> None:
+def test_functional_matches_nn(config: str, need_weights: bool, device: str) -> None:
     E, H, N, L, S = 16, 4, 3, 5, 7
     D = E // H
     dt = torch.float64
@@ -1821,7 +1901,7 @@ def test_functional_matches_nn(config: str, need_weights: bool) -> None:
         kdim, vdim = 10, 6
 
     def p(*shape: int) -> Tensor:
-        return (0.3 * torch.randn(*shape, dtype=dt)).requires_grad_()
+        return (0.3 * torch.randn(*shape, dtype=dt, device=device)).requires_grad_()
 
     tensors: Dict[str, Tensor] = {
         "query": p(L, N, E),
@@ -1846,12 +1926,12 @@ def test_functional_matches_nn(config: str, need_weights: bool) -> None:
             k_proj_weight=tensors["k_proj_weight"],
             v_proj_weight=tensors["v_proj_weight"],
         )
-        kw["attn_mask"] = torch.randn(L, S, dtype=dt)
+        kw["attn_mask"] = torch.randn(L, S, dtype=dt, device=device)
     else:
         tensors["in_proj_weight"] = p(3 * E, E)
         in_proj_weight = tensors["in_proj_weight"]
     if config == "packed_kpm":
-        kpm = torch.rand(N, S) < 0.4
+        kpm = torch.rand(N, S, device=device) < 0.4
         kpm[:, 1] = False
         kw["key_padding_mask"] = kpm
         kw["average_attn_weights"] = True
@@ -1863,7 +1943,7 @@ def test_functional_matches_nn(config: str, need_weights: bool) -> None:
             tensors["static_v"] = p(N * H, S_static, D)
             kw["static_v"] = tensors["static_v"]
             add_zero_attn = True
-            kpm = torch.zeros(N, S_static, dtype=torch.bool)
+            kpm = torch.zeros(N, S_static, dtype=torch.bool, device=device)
             kpm[0, 1:] = True
             kw["key_padding_mask"] = kpm
         else:
@@ -1876,11 +1956,11 @@ def test_functional_matches_nn(config: str, need_weights: bool) -> None:
                 tensors[name] = t.detach()[:, 0].clone().requires_grad_()
         tensors["bias_k"], tensors["bias_v"] = p(1, 1, E), p(1, 1, E)
         bias_k, bias_v = tensors["bias_k"], tensors["bias_v"]
-        kw["attn_mask"] = torch.rand(H, L, S) < 0.3
+        kw["attn_mask"] = torch.rand(H, L, S, device=device) < 0.3
         kw["attn_mask"][..., 0] = False
     if config == "training_p0":
         kw["training"] = True
-        kw["attn_mask"] = causal_bool(L, S)
+        kw["attn_mask"] = causal_bool(L, S, device)
     positional = [E, H]
 
     def call(
