@@ -55,7 +55,8 @@ def programs() -> Dict[str, Path]:
     install = BUILD / "install"
     cmake_build(REPO, BUILD / "library", [torch_prefix], install=install)
     cmake_build(REPO / "tests" / "cpp", BUILD / "programs", [torch_prefix, install])
-    return {name: BUILD / "programs" / name for name in ("test_jit_load", "test_api")}
+    names = ("test_jit_load", "test_api", "test_sanitize")
+    return {name: BUILD / "programs" / name for name in names}
 
 
 class TensorFile(nn.Module):
@@ -180,6 +181,23 @@ def test_cpp_api_with_autograd(programs: Dict[str, Path], tmp_path: Path) -> Non
 
     report = run_program(programs["test_api"], tmp_path / "data.pt")
     assert "4 C++ threads give the serial result bitwise" in report
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_kernels_on_odd_sizes_against_aten_in_cpp(programs: Dict[str, Path], isa: str) -> None:
+    """tests/cpp/test_sanitize.cpp without the sanitizers (scripts/sanitize.sh runs it with
+    them): every kernel build on odd sizes, masks, layouts and dtypes against plain ATen."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    supported = {"AVX512": {"default", "avx2", "avx512"}, "AVX2": {"default", "avx2"}}
+    if isa not in supported.get(capability, {"default"}):
+        pytest.skip(f"this CPU runs {capability}, not {isa}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    result = subprocess.run(
+        [str(programs["test_sanitize"])], capture_output=True, text=True, env=env
+    )
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, f"test_sanitize exited with {result.returncode}:\n{report}"
+    assert "0 failure(s)" in result.stdout, report
 
 
 def test_installed_package_layout(programs: Dict[str, Path]) -> None:
