@@ -2374,6 +2374,50 @@ def test_weights_not_differentiable_without_need_weights(device: str) -> None:
         assert out.requires_grad and not w.requires_grad and w.numel() == 0
 
 
+@pytest.mark.parametrize("average", [False, True], ids=["per_head", "averaged"])
+def test_unused_weights_reach_backward_as_no_gradient(average: bool, device: str) -> None:
+    """Weights that the loss does not use must not become a zero-filled L x S gradient: the
+    backward op gets grad_weights=None (no weights-gradient pass) and the same gradients as a
+    call without weights. Weights that the loss does use arrive as a tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordGradWeights(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: List[Optional[Tensor]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is OPS.attention_backward.default:
+                self.seen.append(kwargs.get("grad_weights", args[12] if len(args) > 12 else None))
+            return func(*args, **kwargs)
+
+    def grads(need_weights: bool, use_weights: bool) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
+        torch.manual_seed(0)
+        q, k, v = (
+            t.requires_grad_()
+            for t in make_qkv(2, 3, 70, 130, 16, 16, torch.float64, device=device)
+        )
+        out, _, w = OPS.attention_forward(
+            q, k, v, need_weights=need_weights, average_weights=average
+        )
+        loss = out.sum() + (w.square().sum() if use_weights else 0.0)
+        with RecordGradWeights() as mode:
+            loss.backward()
+        assert len(mode.seen) == 1
+        return [q.grad, k.grad, v.grad], mode.seen
+
+    plain, seen = grads(need_weights=False, use_weights=False)
+    assert seen == [None]
+    unused, seen = grads(need_weights=True, use_weights=False)
+    assert seen == [None]
+    for a, b in zip(unused, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    used, seen = grads(need_weights=True, use_weights=True)
+    assert isinstance(seen[0], Tensor) and seen[0].dim() == (3 if average else 4)
+    assert any(not torch.equal(a, b) for a, b in zip(used, plain))
+
+
 # =============================================================================================
 # 7. Memory is O(L)
 

@@ -58,7 +58,8 @@ Profiles (TORCH_MHA_HYPOTHESIS_PROFILE):
 * ``ci`` (default): 800 examples per property, 1,600 in total, derandomized: every run draws the
   same examples, so a CI failure reproduces by rerunning the test. About 16 s on 2 idle cores.
 * ``long``: 20,000 examples per property, from a random seed that every failure report prints;
-  ``TORCH_MHA_HYPOTHESIS_SEED=<seed>`` repeats a run. About 7 minutes on 2 idle cores.
+  ``TORCH_MHA_HYPOTHESIS_SEED=<seed>`` repeats a run. ``TORCH_MHA_HYPOTHESIS_EXAMPLES=<n>``
+  sets the number of examples per property in either profile.
 
 Replaying a failure: hypothesis prints the falsifying example (a dataclass with every drawn
 parameter, including the tensor seed), a note with the profile and run seed, and a
@@ -112,7 +113,10 @@ if PROFILE not in ("ci", "long"):
 RUN_SEED: Optional[int] = None
 if PROFILE == "long":
     RUN_SEED = int(os.environ.get(SEED_ENV, random.SystemRandom().randrange(2**32)))
+EXAMPLES_ENV = "TORCH_MHA_HYPOTHESIS_EXAMPLES"
 EXAMPLES = {"ci": 800, "long": 20000}  # per property test
+if EXAMPLES_ENV in os.environ:
+    EXAMPLES[PROFILE] = int(os.environ[EXAMPLES_ENV])
 
 TestFunction = TypeVar("TestFunction", bound=Callable[..., None])
 

@@ -60,6 +60,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["attn_mask_requires_grad"] = mask_requires_grad(attn_mask);
     ctx->saved_data["key_padding_mask_requires_grad"] = mask_requires_grad(key_padding_mask);
     ctx->mark_non_differentiable({softmax_stats});
+    // Without this, autograd hands backward a zero-filled (N, [H,] L, S) gradient for weights that
+    // the loss never used, and the backward would run its weights-gradient pass over it.
+    ctx->set_materialize_grads(false);
     if (!need_weights) {
       ctx->mark_non_differentiable({weights});
     }
