@@ -538,6 +538,40 @@ def test_forward_non_contiguous_inputs(layout: str, dtype: torch.dtype, device: 
         assert order(out) == order(q), (out.stride(), q.stride())
 
 
+@pytest.mark.parametrize("ls", [(64, 128), (65, 129), (200, 300)], ids=lambda x: f"L{x[0]}_S{x[1]}")
+def test_layer_shaped_views_give_the_bits_of_dense_inputs(ls: Tuple[int, int], device: str) -> None:
+    """Per-head views of a packed projection (rows 3 * embed apart) are read through a dense copy
+    when they are read more than once (CPU); either way the results are bitwise those of the same
+    values in dense tensors, forward and backward, and outputs and gradients keep the layout of
+    the inputs."""
+    l, s = ls
+    n, h, d = 2, 3, 16
+    torch.manual_seed(0)
+    packed_q = torch.randn(n, l, 3 * h * d, device=device)
+    packed_kv = torch.randn(n, s, 3 * h * d, device=device)
+    packed_grad = torch.randn(n, l, h * d, device=device)
+
+    def heads(t: Tensor, part: int) -> Tensor:
+        return t[..., part * h * d : (part + 1) * h * d].unflatten(-1, (h, d)).permute(0, 2, 1, 3)
+
+    grad = packed_grad.unflatten(-1, (h, d)).permute(0, 2, 1, 3)
+    views = [heads(packed_q, 0), heads(packed_kv, 1), heads(packed_kv, 2)]
+    dense = [t.contiguous() for t in views]
+    kpm = make_mask((n, s), "bool", device=device)
+    results = []
+    for inputs in (views, dense):
+        q, k, v = (t.detach().requires_grad_() for t in inputs)
+        out, _ = torch_mha.attention(q, k, v, key_padding_mask=kpm)
+        # autograd.grad, not .grad: AccumulateGrad may re-lay a leaf's gradient out.
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    out, grad_q, grad_k, grad_v = results[0]
+    # Heads stay interleaved within a row, as in the inputs: a free head merge.
+    for t in (out, grad_q, grad_k, grad_v):
+        assert t.stride(1) == d and t.stride(3) == 1, t.stride()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 MASK_SHAPES = [
     "LS",
     "11LS",

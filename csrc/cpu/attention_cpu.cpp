@@ -50,6 +50,17 @@ at::Tensor with_unit_last_stride(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
+// A tensor whose rows the kernels read once per block of the other sequence. When its rows are
+// far apart, as in the per-head views of a packed (batch, seq, 3 * embed) projection, they land
+// in a few cache sets and evict each other on every pass: one dense copy costs less than that
+// once there is more than one pass (measured: layer-shaped views made the forward about 20% and
+// the backward about 25% slower than dense inputs, at N=4, H=8, L=1024, D=64).
+at::Tensor with_dense_rows(const at::Tensor& t, bool read_repeatedly) {
+  const bool dense_rows =
+      (t.size(-1) <= 1 || t.stride(-1) == 1) && (t.size(-2) <= 1 || t.stride(-2) == t.size(-1));
+  return (read_repeatedly && !dense_rows) ? t.contiguous() : with_unit_last_stride(t);
+}
+
 std::optional<at::Tensor> as_optional(const std::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? t : std::nullopt;
 }
@@ -107,9 +118,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
   // Outputs follow the caller's layout (as the Meta kernel does), not that of a private copy.
   AttentionForwardOutputs outputs =
       allocate_forward_outputs(query_in, sizes, need_weights, average_weights);
+  // Query rows are packed once per block; keys and values are read once per query block.
+  const bool several_query_blocks = query_in.size(2) > kBlockQ;
   const at::Tensor query = with_unit_last_stride(query_in);
-  const at::Tensor key = with_unit_last_stride(key_in);
-  const at::Tensor value = with_unit_last_stride(value_in);
+  const at::Tensor key = with_dense_rows(key_in, several_query_blocks);
+  const at::Tensor value = with_dense_rows(value_in, several_query_blocks);
 
   ForwardKernelArgs args;
   args.problem = make_problem(query, key, value, attn_mask, key_padding_mask, is_causal, scale,
@@ -141,10 +154,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
       key_padding_mask, dropout_p, dropout_seed, grad_weights, average_weights);
   AttentionBackwardOutputs outputs =
       allocate_backward_outputs(query_in, key_in, value_in, sizes, compute_mask_grad);
-  const at::Tensor query = with_unit_last_stride(query_in);
-  const at::Tensor key = with_unit_last_stride(key_in);
-  const at::Tensor value = with_unit_last_stride(value_in);
-  const at::Tensor grad_output = with_unit_last_stride(grad_output_in);
+  // Queries and output gradients are read once per key block, keys and values once per query
+  // block; the output only for delta.
+  const bool several_key_blocks = key_in.size(2) > kBlockK;
+  const bool several_query_blocks = query_in.size(2) > kBlockQ;
+  const at::Tensor query = with_dense_rows(query_in, several_key_blocks);
+  const at::Tensor key = with_dense_rows(key_in, several_query_blocks);
+  const at::Tensor value = with_dense_rows(value_in, several_query_blocks);
+  const at::Tensor grad_output = with_dense_rows(grad_output_in, several_key_blocks);
   const at::Tensor output = with_unit_last_stride(output_in);
   const at::Tensor softmax_stats = softmax_stats_in.contiguous();
 
