@@ -99,8 +99,8 @@ void block_matmul(int64_t m, int64_t n, int64_t k, const AT* a, int64_t a_row_st
                   bool accumulate) {
   int64_t row = 0;
   for (; row + kTileRows <= m; row += kTileRows) {
-    matmul_row_panel<T, AT, kTileRows>(n, k, a + row * a_row_stride, a_row_stride, a_col_stride,
-                                       b, ldb, c + row * ldc, ldc, accumulate);
+    matmul_row_panel<T, AT, kTileRows>(n, k, a + row * a_row_stride, a_row_stride, a_col_stride, b,
+                                       ldb, c + row * ldc, ldc, accumulate);
   }
   const AT* a_tail = a + row * a_row_stride;
   T* c_tail = c + row * ldc;
