@@ -72,25 +72,18 @@ CXX_FLAGS = (
 OPENMP_FLAGS = ["-fopenmp"] if torch.backends.openmp.is_available() else []
 CXX_FLAGS += OPENMP_FLAGS
 
-# CPU kernels compiled once per vector ISA (see csrc/cpu/attention_kernel.h). The order matters:
-# objects are linked DEFAULT first, so any inline function that several builds instantiate
-# resolves to the DEFAULT (baseline ISA) copy.
-CPU_ISA_KERNELS = ["csrc/cpu/attention_kernel.cpp"]
+# CPU kernels compiled once per vector ISA: the sources and each build's flags are listed in
+# csrc/cpu/isa_builds.json, which CMakeLists.txt reads too (see csrc/cpu/attention_kernels.h).
+with open(os.path.join(CSRC, "cpu", "isa_builds.json")) as _isa_file:
+    ISA_BUILDS = json.load(_isa_file)
+CPU_ISA_KERNELS = ISA_BUILDS["sources"]
 
 
 def cpu_isa_flags():
-    isas = {"DEFAULT": []}
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        isas["AVX2"] = ["-mavx2", "-mfma", "-mf16c", "-mbmi2"]
-        # GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized (GCC bug 105593).
-        isas["AVX512"] = isas["AVX2"] + [
-            "-mavx512f",
-            "-mavx512bw",
-            "-mavx512vl",
-            "-mavx512dq",
-            "-Wno-maybe-uninitialized",
-        ]
-    return isas
+    """{ISA name: compiler flags} for the builds this machine's architecture gets, DEFAULT first
+    (objects are linked in this order)."""
+    x86_64 = platform.machine().lower() in ("x86_64", "amd64")
+    return {isa["name"]: isa["flags"] for isa in ISA_BUILDS["isas"] if x86_64 or not isa["x86_64"]}
 
 
 def nvcc_version():
@@ -203,6 +196,7 @@ class BuildExtensionWithIsaKernels(BuildExtension):
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
         includes = [f"-I{CSRC}"]
         headers = glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True)
+        headers.append(os.path.join(CSRC, "cpu", "isa_builds.json"))
         out_dir = os.path.join(os.path.abspath(self.build_temp), "cpu_isa")
         os.makedirs(out_dir, exist_ok=True)
         jobs = []

@@ -5,12 +5,14 @@
 //   meta/      shape-only kernels       (TORCH_LIBRARY_IMPL(torch_mha, Meta, ...))
 //   autograd/  C++ autograd functions   (TORCH_LIBRARY_IMPL(torch_mha, Autograd, ...))
 //   multi_head_attention.cpp: the full layer, CompositeImplicitAutograd
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
 #include <string>
 
+#include "attention_args.h"
 #include "torch_mha.h"
 
 namespace torch_mha {
@@ -20,14 +22,46 @@ TORCH_LIBRARY(torch_mha, m) {
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
       "Tensor? key_padding_mask=None, bool is_causal=False, float? scale=None, "
       "float dropout_p=0.0, Tensor? dropout_seed=None, bool need_weights=False, "
-      "bool average_weights=False) -> (Tensor output, Tensor softmax_stats, Tensor weights)",
+      "bool average_weights=False, int window_left=-1, int window_right=-1, "
+      "Tensor? alibi_slopes=None, float softcap=0.0, Tensor? sinks=None) "
+      "-> (Tensor output, Tensor softmax_stats, Tensor weights)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, "
       "Tensor output, Tensor softmax_stats, Tensor? attn_mask, Tensor? key_padding_mask, "
       "bool is_causal, float? scale, float dropout_p, Tensor? dropout_seed, "
-      "Tensor? grad_weights, bool average_weights, bool compute_mask_grad) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask)",
+      "Tensor? grad_weights, bool average_weights, bool compute_mask_grad, "
+      "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None, float softcap=0.0, "
+      "Tensor? sinks=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, "
+      "Tensor grad_mask, Tensor grad_sinks)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "varlen_attention_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float? scale=None, "
+      "float dropout_p=0.0, Tensor? dropout_seed=None, bool is_causal=False, "
+      "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None, float softcap=0.0, "
+      "Tensor? sinks=None) -> (Tensor output, Tensor softmax_stats)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "varlen_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, "
+      "Tensor output, Tensor softmax_stats, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float? scale, float dropout_p, Tensor? dropout_seed, "
+      "bool is_causal, int window_left, int window_right, Tensor? alibi_slopes, float softcap, "
+      "Tensor? sinks) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, "
+      "Tensor grad_sinks)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+      "Tensor? key_padding_mask=None, bool is_causal=False, float? scale=None, "
+      "float dropout_p=0.0, bool need_weights=False, bool average_weights=False, *, "
+      "int[2] window_size=[-1, -1], Tensor? alibi_slopes=None, float softcap=0.0, "
+      "Tensor? sinks=None) -> (Tensor output, Tensor? weights)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "varlen_attention(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, *, float? scale=None, "
+      "float dropout_p=0.0, bool is_causal=False, int[2] window_size=[-1, -1], "
+      "Tensor? alibi_slopes=None, float softcap=0.0, Tensor? sinks=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "multi_head_attention(Tensor query, Tensor key, Tensor value, int embed_dim, "
@@ -48,27 +82,119 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, std::optional<double> scale, double dropout_p,
-    const std::optional<at::Tensor>& dropout_seed, bool need_weights, bool average_weights) {
+    const std::optional<at::Tensor>& dropout_seed, bool need_weights, bool average_weights,
+    int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& alibi_slopes,
+    double softcap, const std::optional<at::Tensor>& sinks) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mha::attention_forward", "")
                        .typed<decltype(attention_forward)>();
   return op.call(query, key, value, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
-                 dropout_seed, need_weights, average_weights);
+                 dropout_seed, need_weights, average_weights, window_left, window_right,
+                 alibi_slopes, softcap, sinks);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& output, const at::Tensor& softmax_stats,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, std::optional<double> scale, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed, const std::optional<at::Tensor>& grad_weights,
-    bool average_weights, bool compute_mask_grad) {
+    bool average_weights, bool compute_mask_grad, int64_t window_left, int64_t window_right,
+    const std::optional<at::Tensor>& alibi_slopes, double softcap,
+    const std::optional<at::Tensor>& sinks) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mha::attention_backward", "")
                        .typed<decltype(attention_backward)>();
   return op.call(grad_output, query, key, value, output, softmax_stats, attn_mask, key_padding_mask,
                  is_causal, scale, dropout_p, dropout_seed, grad_weights, average_weights,
-                 compute_mask_grad);
+                 compute_mask_grad, window_left, window_right, alibi_slopes, softcap, sinks);
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, std::optional<double> scale, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed, bool is_causal, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& alibi_slopes, double softcap,
+    const std::optional<at::Tensor>& sinks) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mha::varlen_attention_forward", "")
+                       .typed<decltype(varlen_attention_forward)>();
+  return op.call(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                 dropout_p, dropout_seed, is_causal, window_left, window_right, alibi_slopes,
+                 softcap, sinks);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& output, const at::Tensor& softmax_stats,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, std::optional<double> scale, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed, bool is_causal, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& alibi_slopes, double softcap,
+    const std::optional<at::Tensor>& sinks) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mha::varlen_attention_backward", "")
+                       .typed<decltype(varlen_attention_backward)>();
+  return op.call(grad_output, query, key, value, output, softmax_stats, cu_seqlens_q, cu_seqlens_k,
+                 max_seqlen_q, max_seqlen_k, scale, dropout_p, dropout_seed, is_causal, window_left,
+                 window_right, alibi_slopes, softcap, sinks);
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> attention(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    bool is_causal, std::optional<double> scale, double dropout_p, bool need_weights,
+    bool average_weights, at::IntArrayRef window_size,
+    const std::optional<at::Tensor>& alibi_slopes, double softcap,
+    const std::optional<at::Tensor>& sinks) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mha::attention", "")
+                       .typed<decltype(attention)>();
+  return op.call(query, key, value, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
+                 need_weights, average_weights, window_size, alibi_slopes, softcap, sinks);
+}
+
+at::Tensor varlen_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                            int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> scale,
+                            double dropout_p, bool is_causal, at::IntArrayRef window_size,
+                            const std::optional<at::Tensor>& alibi_slopes, double softcap,
+                            const std::optional<at::Tensor>& sinks) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mha::varlen_attention", "")
+                       .typed<decltype(varlen_attention)>();
+  return op.call(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                 dropout_p, is_causal, window_size, alibi_slopes, softcap, sinks);
+}
+
+ForwardResult call_forward(const AttentionForwardArgs& a) {
+  if (a.is_varlen()) {
+    auto [output, softmax_stats] = varlen_attention_forward(
+        a.query, a.key, a.value, *a.cu_seqlens_q, *a.cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k,
+        a.scale, a.dropout_p, a.dropout_seed, a.is_causal, a.window_left, a.window_right,
+        a.alibi_slopes, a.softcap, a.sinks);
+    return {output, softmax_stats, at::Tensor()};
+  }
+  return attention_forward(a.query, a.key, a.value, a.attn_mask, a.key_padding_mask, a.is_causal,
+                           a.scale, a.dropout_p, a.dropout_seed, a.need_weights, a.average_weights,
+                           a.window_left, a.window_right, a.alibi_slopes, a.softcap, a.sinks);
+}
+
+BackwardResult call_backward(const AttentionBackwardArgs& b) {
+  const AttentionForwardArgs& a = b.forward;
+  if (a.is_varlen()) {
+    auto [grad_query, grad_key, grad_value, grad_sinks] = varlen_attention_backward(
+        b.grad_output, a.query, a.key, a.value, b.output, b.softmax_stats, *a.cu_seqlens_q,
+        *a.cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k, a.scale, a.dropout_p, a.dropout_seed,
+        a.is_causal, a.window_left, a.window_right, a.alibi_slopes, a.softcap, a.sinks);
+    // No mask gradient in a packed batch; an empty tensor keeps every result defined.
+    return {grad_query, grad_key, grad_value, at::empty({0}, grad_query.options()), grad_sinks};
+  }
+  return attention_backward(b.grad_output, a.query, a.key, a.value, b.output, b.softmax_stats,
+                            a.attn_mask, a.key_padding_mask, a.is_causal, a.scale, a.dropout_p,
+                            a.dropout_seed, b.grad_weights, a.average_weights, b.compute_mask_grad,
+                            a.window_left, a.window_right, a.alibi_slopes, a.softcap, a.sinks);
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_head_attention(

@@ -10,7 +10,11 @@ from ._library import load_library as _load_library
 library_path: str = _load_library()
 
 from . import functional  # noqa: E402
-from .functional import attention, multi_head_attention_forward  # noqa: E402
+from .functional import (  # noqa: E402
+    attention,
+    multi_head_attention_forward,
+    varlen_attention,
+)
 from .modules import MultiheadAttention  # noqa: E402
 from .swap import (  # noqa: E402
     AttentionConfig,
@@ -42,4 +46,5 @@ __all__ = [
     "multi_head_attention_forward",
     "restore_attention",
     "swap_attention",
+    "varlen_attention",
 ]

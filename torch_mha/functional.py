@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "multi_head_attention_forward"]
+__all__ = ["attention", "multi_head_attention_forward", "varlen_attention"]
 
 
 def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
@@ -272,46 +272,32 @@ def _check_key_padding_mask_shape(
         )
 
 
-def attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Optional[Tensor] = None,
-    key_padding_mask: Optional[Tensor] = None,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    dropout_p: float = 0.0,
-    need_weights: bool = False,
-    average_weights: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """Fused scaled dot-product attention on per-head tensors, with autograd.
+# The fused core with autograd, as an op (csrc/attention.cpp): the same callable in eager mode,
+# TorchScript, torch.compile, torch.export and C++. Its schema (keyword-only arguments after
+# average_weights) is the Python signature:
+#   attention(query, key, value, attn_mask=None, key_padding_mask=None, is_causal=False,
+#             scale=None, dropout_p=0.0, need_weights=False, average_weights=False, *,
+#             window_size=(-1, -1), alibi_slopes=None, softcap=0.0, sinks=None)
+#       -> (output, weights or None)
+# query (N, H, L, E), key (N, Hkv, S, E), value (N, Hkv, S, Ev) with H a multiple of Hkv
+# (grouped-query attention: query head h reads key/value head h // (H // Hkv)). Masks use
+# nn.MultiheadAttention's polarity: a bool True means "do not attend" (the opposite of
+# F.scaled_dot_product_attention); a floating mask is added to the scores. attn_mask broadcasts
+# to (N, H, L, S); key_padding_mask is (N, S). is_causal lets query i attend keys 0..i
+# (top-left). window_size=(left, right) lets query i see keys j with
+# i + S - L - left <= j <= i + S - L + right (-1: no limit), so (-1, 0) is causal aligned to the
+# bottom-right. softcap > 0 caps the scaled scores as softcap * tanh(score / softcap) before any
+# bias; alibi_slopes (float32, (H,) or (N, H)) adds -slope * |i + S - L - j|; sinks (H,) are
+# logits that join each row's softmax denominator only. dropout_p draws its seed from PyTorch's
+# default generator (pass 0.0 in evaluation). Weights are the probabilities after dropout,
+# (N, H, L, S), or (N, L, S) averaged over heads.
+attention = torch.ops.torch_mha.attention
 
-    query (N, H, L, E), key (N, H, S, E), value (N, H, S, Ev) -> output (N, H, L, Ev), and the
-    attention probabilities after dropout when need_weights is True (else None): (N, H, L, S),
-    or (N, L, S) averaged over heads when average_weights is True.
-
-    Masks use nn.MultiheadAttention's polarity: a bool True means "do not attend" (the opposite
-    of F.scaled_dot_product_attention); a floating mask is added to the scaled scores. attn_mask
-    broadcasts to (N, H, L, S); key_padding_mask is (N, S). is_causal lets query i attend keys
-    0..i. dropout_p applies dropout to the probabilities with a seed drawn from PyTorch's default
-    generator (pass 0.0 in evaluation).
-    """
-    seed: Optional[Tensor] = None
-    if dropout_p > 0.0:
-        seed = torch.randint(0, 9223372036854775807, (1,), dtype=torch.long, device=query.device)
-    output, _, weights = torch.ops.torch_mha.attention_forward(
-        query,
-        key,
-        value,
-        attn_mask,
-        key_padding_mask,
-        is_causal,
-        scale,
-        dropout_p,
-        seed,
-        need_weights,
-        average_weights,
-    )
-    if need_weights:
-        return output, weights
-    return output, None
+# Attention over packed variable-length batches (csrc/attention.cpp), with autograd:
+#   varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+#                    *, scale=None, dropout_p=0.0, is_causal=False, window_size=(-1, -1),
+#                    alibi_slopes=None, softcap=0.0, sinks=None) -> output
+# query (total_q, H, E), key (total_k, Hkv, E), value (total_k, Hkv, Ev); cu_seqlens_* int32
+# (B + 1,) prefix sums starting at 0. Sequence b attends only within itself; causal, window and
+# ALiBi positions are relative to its own lengths. Returns (total_q, H, Ev).
+varlen_attention = torch.ops.torch_mha.varlen_attention

@@ -67,15 +67,93 @@ C10_HOST_DEVICE inline acc_t mask_bias_at(const MaskView& mask, int64_t offset) 
   return acc_t(0);
 }
 
-// Causal masking is top-left aligned, as in F.scaled_dot_product_attention: query i may attend
-// to keys 0..i.
-C10_HOST_DEVICE inline bool causal_masked_out(int64_t query, int64_t key) {
-  return key > query;
+// A half-open range of indices [begin, end).
+struct IndexRange {
+  int64_t begin;
+  int64_t end;
+
+  C10_HOST_DEVICE bool contains(int64_t index) const { return begin <= index && index < end; }
+  C10_HOST_DEVICE bool empty() const { return end <= begin; }
+};
+
+C10_HOST_DEVICE inline int64_t max_index(int64_t a, int64_t b) {
+  return a > b ? a : b;
+}
+C10_HOST_DEVICE inline int64_t min_index(int64_t a, int64_t b) {
+  return a < b ? a : b;
 }
 
-// Number of leading keys that query rows [0, last_query] may attend to under the causal rule.
-C10_HOST_DEVICE inline int64_t causal_key_limit(int64_t last_query, int64_t num_keys) {
-  return last_query + 1 < num_keys ? last_query + 1 : num_keys;
+// Which keys a query may see. Two rules, which may both apply:
+//  * causal, top-left aligned as in F.scaled_dot_product_attention and nn.MultiheadAttention:
+//    query i sees keys j <= i;
+//  * a window aligned to the bottom-right, as in FlashAttention: with L queries and S keys,
+//    query i sits at key position i + S - L (the queries are the last L of the S positions) and
+//    sees keys j with i + S - L - left <= j <= i + S - L + right; -1 leaves a side unbounded.
+//    (-1, 0) is therefore causal attention aligned to the bottom-right.
+// Both bounds of the visible range grow with i, so the keys of a block of queries, and the
+// queries of a block of keys, are the union of the ranges of its first and last index.
+struct Visibility {
+  bool is_causal = false;
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+
+  C10_HOST_DEVICE bool restricts() const {
+    return is_causal || window_left >= 0 || window_right >= 0;
+  }
+
+  // Keys visible to query i of a sequence of query_len queries and key_len keys.
+  C10_HOST_DEVICE IndexRange keys_of(int64_t i, int64_t query_len, int64_t key_len) const {
+    const int64_t position = i + key_len - query_len;
+    int64_t begin = 0, end = key_len;
+    if (window_left >= 0) {
+      begin = max_index(begin, position - window_left);
+    }
+    if (window_right >= 0) {
+      end = min_index(end, position + window_right + 1);
+    }
+    if (is_causal) {
+      end = min_index(end, i + 1);
+    }
+    begin = min_index(begin, key_len);
+    return {begin, max_index(begin, end)};
+  }
+
+  // Queries that see key j.
+  C10_HOST_DEVICE IndexRange queries_of(int64_t j, int64_t query_len, int64_t key_len) const {
+    const int64_t shift = key_len - query_len;
+    int64_t begin = 0, end = query_len;
+    if (window_left >= 0) {
+      end = min_index(end, j - shift + window_left + 1);
+    }
+    if (window_right >= 0) {
+      begin = max_index(begin, j - shift - window_right);
+    }
+    if (is_causal) {
+      begin = max_index(begin, j);
+    }
+    begin = min_index(begin, query_len);
+    return {begin, max_index(begin, end)};
+  }
+
+  // Keys any of the queries [first, last] may see.
+  C10_HOST_DEVICE IndexRange keys_of_block(int64_t first, int64_t last, int64_t query_len,
+                                           int64_t key_len) const {
+    return {keys_of(first, query_len, key_len).begin, keys_of(last, query_len, key_len).end};
+  }
+
+  // Queries that see any of the keys [first, last].
+  C10_HOST_DEVICE IndexRange queries_of_block(int64_t first, int64_t last, int64_t query_len,
+                                              int64_t key_len) const {
+    return {queries_of(first, query_len, key_len).begin, queries_of(last, query_len, key_len).end};
+  }
+};
+
+// ALiBi bias of query i and key j: -slope * |i + S - L - j| (positions aligned like the window).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t alibi_bias(float slope, int64_t i, int64_t j, int64_t query_len,
+                                        int64_t key_len) {
+  const int64_t distance = i + key_len - query_len - j;
+  return -static_cast<acc_t>(slope) * static_cast<acc_t>(distance < 0 ? -distance : distance);
 }
 
 }  // namespace torch_mha

@@ -47,6 +47,18 @@ C10_HOST_DEVICE inline acc_t online_softmax_update_max(acc_t& running_max, acc_t
   return factor;
 }
 
+// Adds a sink logit, a score that joins the row's softmax denominator and nothing else (no value
+// row), to the running statistics. Returns the factor for the output accumulator. A row with no
+// visible key ends up with the sink alone: sum 1 at offset `sink`, a zero output.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t online_softmax_add_sink(acc_t& running_max, acc_t& running_sum,
+                                                     acc_t sink) {
+  const acc_t factor = online_softmax_update_max(running_max, sink);
+  running_sum =
+      running_sum * factor + static_cast<acc_t>(std::exp(sink - softmax_exp_offset(running_max)));
+  return factor;
+}
+
 // Final normalisation of a row. The row's statistics are kept as two numbers, the offset that
 // was subtracted before exponentiating (the row max) and log(sum): a probability is then
 // exp((s - offset) - log_sum). Folding them into one log-sum-exp would round log_sum away when
