@@ -34,8 +34,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
+from attention_testing import UNIT_ROUNDOFF, dtype_id, expected_forward, reference_grads
 from conftest import HAS_CUDA, cuda_shared_memory_bytes, require_shared_memory, requires_cuda
-from test_ops import UNIT_ROUNDOFF, dtype_id, expected_forward, reference_grads
 from torch import Tensor, nn
 
 import torch_mha
@@ -254,9 +254,9 @@ def run(
 
 
 def reference(case: Case, need_weights: bool = True, average: bool = False) -> Dict[str, Tensor]:
-    """What run() returns, from the float64 reference (tests/reference.py, through test_ops.py's
-    expected_forward and reference_grads) on the CPU, on the same (rounded) inputs and upstream
-    gradients. No dropout."""
+    """What run() returns, from the float64 reference (tests/reference.py, through
+    attention_testing.py's expected_forward and reference_grads) on the CPU, on the same
+    (rounded) inputs and upstream gradients. No dropout."""
     assert case.dropout_p == 0.0
     inputs = materialize(case, "cpu")
     q, k, v = inputs["query"], inputs["key"], inputs["value"]
