@@ -7,6 +7,9 @@ import torch
 
 # Make tests/ importable as a plain directory (reference.py lives here).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The shared helpers of the core-op tests assert like tests do: have pytest rewrite their asserts
+# (it does so for test_*.py and conftest.py only), so a failure reports its operands.
+pytest.register_assert_rewrite("attention_testing")
 
 import torch_mha  # noqa: E402  (loads the operator library)
 

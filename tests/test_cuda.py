@@ -1,7 +1,7 @@
 """CUDA-only tests: the CUDA kernels against the CPU kernels and the float64 reference, and what
 only a GPU has (device indices, streams, grid limits, autocast and torch.compile on CUDA).
 
-The device-parametrized suite (tests/test_ops.py, tests/test_parity.py) already runs every
+The device-parametrized suite (tests/test_ops_*.py, tests/test_parity.py) already runs every
 operator and layer test on CUDA against the float64 reference and nn.MultiheadAttention. This
 file compares the two backends directly on random problems sized around the CUDA tiles (32
 queries x 32 keys, csrc/cuda/attention_kernels.cuh; the CPU tiles are 64 x 128): lengths 1, 31,
@@ -16,12 +16,12 @@ values. Tolerances (tolerance()):
 * CPU vs CUDA, float64: 1e-12 on outputs, weights and softmax_stats, 1e-10 x the largest
   gradient on gradients. Both accumulate in float64; they differ by summation order (~1e-15).
 * CPU vs CUDA, float32: 2e-5, and 2e-5 x the largest gradient. Each backend is within 1e-5 of
-  the exact result (tests/test_ops.py checks the CPU against the float64 reference), so the two
+  the exact result (tests/test_ops_*.py check the CPU against the float64 reference), so the two
   are within 2e-5 of each other.
 * bfloat16/float16, CUDA vs the float64 reference on the same rounded inputs: one rounding of
-  each output (2u relative, u the unit roundoff of the dtype) plus twice test_ops.py's float32
-  absolute error; gradients 8u x the largest gradient (delta = sum(dO * O) uses the rounded
-  output), as in test_ops.py.
+  each output (2u relative, u the unit roundoff of the dtype) plus twice attention_testing.py's
+  float32 absolute error; gradients 8u x the largest gradient (delta = sum(dO * O) uses the
+  rounded output), as in attention_testing.py.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
+from attention_testing import UNIT_ROUNDOFF, dtype_id, expected_forward, reference_grads
 from conftest import HAS_CUDA, cuda_shared_memory_bytes, require_shared_memory, requires_cuda
-from test_ops import UNIT_ROUNDOFF, dtype_id, expected_forward, reference_grads
 from torch import Tensor, nn
 
 import torch_mha
@@ -254,9 +254,9 @@ def run(
 
 
 def reference(case: Case, need_weights: bool = True, average: bool = False) -> Dict[str, Tensor]:
-    """What run() returns, from the float64 reference (tests/reference.py, through test_ops.py's
-    expected_forward and reference_grads) on the CPU, on the same (rounded) inputs and upstream
-    gradients. No dropout."""
+    """What run() returns, from the float64 reference (tests/reference.py, through
+    attention_testing.py's expected_forward and reference_grads) on the CPU, on the same
+    (rounded) inputs and upstream gradients. No dropout."""
     assert case.dropout_p == 0.0
     inputs = materialize(case, "cpu")
     q, k, v = inputs["query"], inputs["key"], inputs["value"]

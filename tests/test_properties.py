@@ -33,8 +33,9 @@ parameters and masks are drawn in float64 and rounded to the tested dtype first,
 again), so only torch_mha's arithmetic is measured. Tensors come from a torch.Generator seeded
 with a drawn integer, so each example is fully determined by what hypothesis prints.
 
-Dropout is not drawn for the core op (its Philox mask is tested bit for bit in test_ops.py); the
-layer draws dropout > 0 only in eval mode, where nn and torch_mha ignore it.
+Dropout is not drawn for the core op (its Philox mask is tested bit for bit in
+test_ops_dropout.py); the layer draws dropout > 0 only in eval mode, where nn and torch_mha
+ignore it.
 
 Tolerances (TOLERANCES, check_all_gradients): an absolute part, a per-dtype factor times
 max(1, max|reference|) of each compared tensor, plus a relative part:

@@ -13,7 +13,7 @@
 // a float64 run with the same seed (they are a pure function of the seed and the element's
 // position), and output, weights and gradients of every dtype must then match the reference
 // with that mask; the kept fraction must match 1 - p. The mask's bits are tested against an
-// independent Philox in tests/test_ops.py.
+// independent Philox in tests/test_ops_dropout.py.
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 #include <torch_mha.h>
