@@ -1,0 +1,234 @@
+"""The performance targets (issue #5) and their PASS/MISS rules.
+
+A group declares its targets in its registration (workloads.py) with the rules here:
+
+* `RatioTarget`: every matching case's speed-up (anchor time / torch_mha time) of one pair in
+  one phase must reach the threshold; the verdict is on the worst case, the geometric mean is
+  reported too;
+* `CeilingTarget`: torch_mha's GFLOP/s in a phase, as a fraction of torch.mm's at the same dtype
+  and thread count (the ceiling measured in the same run), must reach the threshold.
+
+`evaluate_targets` checks every registered group's targets for float32 and for bfloat16 (with a
+"bfloat16: " prefix), in registration order, then the linear-memory target of the memory scan.
+A target no case matches is "not measured".
+"""
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    from .workloads import GroupSpec
+
+TARGET_DTYPES = ("float32", "bfloat16")
+MEMORY_RATIO = 2.5  # successive-length peak ratio of the memory scan: linear 2, quadratic 4
+
+
+@dataclass(frozen=True)
+class RatioTarget:
+    """Speed-up of `pair` (its label) in `phase` >= threshold at lengths in [lo, hi], at
+    `threads` threads (None: any)."""
+
+    name: str
+    phase: str
+    pair: str
+    threshold: float
+    lengths: Tuple[int, int] = (1024, 4096)
+    threads: Optional[int] = 2
+
+
+@dataclass(frozen=True)
+class CeilingTarget:
+    """GFLOP/s of `contender` in `phase` (a training phase) >= threshold x torch.mm's, at
+    lengths >= min_length."""
+
+    name: str
+    contender: str
+    phase: str
+    threshold: float
+    min_length: int = 0
+
+
+def ceiling_gflops(data: Dict[str, Any], dtype: str, threads: int) -> Optional[float]:
+    values = [
+        c["gflops"] for c in data["ceiling"] if c["dtype"] == dtype and c["threads"] == threads
+    ]
+    return max(values) if values else None
+
+
+def _ratio_target(
+    data: Dict[str, Any],
+    name: str,
+    group: str,
+    phase: str,
+    pair: str,
+    threshold: float,
+    dtype: str,
+    lengths: Tuple[int, int],
+    threads: Optional[int] = 2,
+) -> Dict[str, Any]:
+    mode = "infer" if phase == "infer" else "train"
+    rows = []
+    for case in data["cases"]:
+        if case["group"] != group or case["mode"] != mode or case["dtype"] != dtype:
+            continue
+        if threads is not None and case["threads"] != threads:
+            continue
+        if not lengths[0] <= case["length"] <= lengths[1]:
+            continue
+        s = case["speedups"].get(pair)
+        if s is None or phase not in s:
+            continue
+        rows.append((s[phase], case))
+    return _verdict(name, threshold, rows, "x")
+
+
+def _ceiling_target(
+    data: Dict[str, Any], name: str, group: str, target: CeilingTarget, dtype: str
+) -> Dict[str, Any]:
+    rows = []
+    for case in data["cases"]:
+        if case["group"] != group or case["mode"] != "train" or case["dtype"] != dtype:
+            continue
+        if case["length"] < target.min_length or target.contender not in case["contenders"]:
+            continue
+        mm = ceiling_gflops(data, dtype, case["threads"])
+        if mm:
+            gf = case["contenders"][target.contender]["phases"][target.phase]["gflops"]
+            rows.append((gf / mm, case))
+    return _verdict(name, target.threshold, rows, "of mm")
+
+
+def _verdict(
+    name: str, threshold: float, rows: List[Tuple[float, Dict[str, Any]]], unit: str
+) -> Dict[str, Any]:
+    if not rows:
+        return {
+            "target": name,
+            "threshold": threshold,
+            "unit": unit,
+            "status": "not measured",
+            "cases": [],
+        }
+    worst = min(r for r, _ in rows)
+    detail = [
+        {
+            "ratio": r,
+            "length": c["length"],
+            "head_dim": c["head_dim"],
+            "causal": c["causal"],
+            "threads": c["threads"],
+            "dtype": c["dtype"],
+        }
+        for r, c in rows
+    ]
+    return {
+        "target": name,
+        "threshold": threshold,
+        "unit": unit,
+        "status": "PASS" if worst >= threshold else "MISS",
+        "worst": worst,
+        "geomean": math.exp(sum(math.log(r) for r, _ in rows) / len(rows)),
+        "cases": detail,
+    }
+
+
+def evaluate_targets(data: Dict[str, Any], groups: Iterable["GroupSpec"]) -> List[Dict[str, Any]]:
+    """Every group's targets per dtype, then the memory target; `data` is the run's dict."""
+    groups = list(groups)
+    targets = []
+    for dtype in TARGET_DTYPES:
+        prefix = "" if dtype == "float32" else "bfloat16: "
+        for spec in groups:
+            for tg in spec.targets:
+                if isinstance(tg, CeilingTarget):
+                    targets.append(_ceiling_target(data, prefix + tg.name, spec.name, tg, dtype))
+                else:
+                    targets.append(
+                        _ratio_target(
+                            data,
+                            prefix + tg.name,
+                            spec.name,
+                            tg.phase,
+                            tg.pair,
+                            tg.threshold,
+                            dtype,
+                            tg.lengths,
+                            threads=tg.threads,
+                        )
+                    )
+    series = [(spec.name, spec.scan["ours"][0]) for spec in groups if spec.scan is not None]
+    targets.append(memory_target(data, series))
+    return targets
+
+
+def plot_targets(groups: Iterable["GroupSpec"]) -> Dict[Tuple[str, str, str], float]:
+    """(group, phase, pair label) -> speed-up threshold, for the guides drawn on the plot."""
+    return {
+        (spec.name, tg.phase, tg.pair): tg.threshold
+        for spec in groups
+        for tg in spec.targets
+        if isinstance(tg, RatioTarget)
+    }
+
+
+def memory_scan_series(data: Dict[str, Any], group: str, contender: str) -> List[Dict[str, Any]]:
+    keys = set(data["memory_scan_keys"])
+    rows = [
+        m
+        for m in data["memory"]
+        if m["workload_key"] in keys
+        and m["workload"]["group"] == group
+        and m["contender"] == contender
+        and m["mode"] == "train"
+        and "aten_peak_bytes" in m
+    ]
+    return sorted(rows, key=lambda m: m["workload"]["length"])
+
+
+def memory_target(data: Dict[str, Any], groups: Iterable[Tuple[str, str]]) -> Dict[str, Any]:
+    """torch_mha's peak in the memory scan grows linearly: `groups` are (group, contender)."""
+    name = (
+        "torch_mha fwd+bwd peak memory linear in length (batch-1 scan, float32, D=64): "
+        "successive-length ratio <= 2.5 (linear 2, quadratic 4)"
+    )
+    series = []
+    for group, contender in groups:
+        rows = memory_scan_series(data, group, contender)
+        if len(rows) < 2:
+            continue
+        ratios = []
+        for a, b in zip(rows, rows[1:]):
+            la, lb = a["workload"]["length"], b["workload"]["length"]
+            if lb == 2 * la and a["aten_peak_bytes"] > 0:
+                ratios.append(
+                    {"from": la, "to": lb, "ratio": b["aten_peak_bytes"] / a["aten_peak_bytes"]}
+                )
+        last = rows[-1]
+        series.append(
+            {
+                "group": group,
+                "contender": contender,
+                "ratios": ratios,
+                "largest_length": last["workload"]["length"],
+                "peak_at_largest_bytes": last["aten_peak_bytes"],
+                "rss_growth_at_largest_bytes": last.get("rss_growth_bytes"),
+                "peaks": {str(r["workload"]["length"]): r["aten_peak_bytes"] for r in rows},
+            }
+        )
+    all_ratios = [r["ratio"] for s in series for r in s["ratios"]]
+    if not all_ratios:
+        return {
+            "target": name,
+            "threshold": MEMORY_RATIO,
+            "status": "not measured",
+            "series": series,
+        }
+    worst = max(all_ratios)
+    return {
+        "target": name,
+        "threshold": MEMORY_RATIO,
+        "status": "PASS" if worst <= MEMORY_RATIO else "MISS",
+        "worst": worst,
+        "series": series,
+    }
