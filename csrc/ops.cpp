@@ -51,19 +51,6 @@ TORCH_LIBRARY(torch_mha, m) {
       "Tensor grad_sinks)",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
-      "Tensor? key_padding_mask=None, bool is_causal=False, float? scale=None, "
-      "float dropout_p=0.0, bool need_weights=False, bool average_weights=False, *, "
-      "int[2] window_size=[-1, -1], Tensor? alibi_slopes=None, float softcap=0.0, "
-      "Tensor? sinks=None) -> (Tensor output, Tensor? weights)",
-      {at::Tag::pt2_compliant_tag});
-  m.def(
-      "varlen_attention(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
-      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, *, float? scale=None, "
-      "float dropout_p=0.0, bool is_causal=False, int[2] window_size=[-1, -1], "
-      "Tensor? alibi_slopes=None, float softcap=0.0, Tensor? sinks=None) -> Tensor",
-      {at::Tag::pt2_compliant_tag});
-  m.def(
       "multi_head_attention(Tensor query, Tensor key, Tensor value, int embed_dim, "
       "int num_heads, Tensor? in_proj_weight, Tensor? in_proj_bias, Tensor? bias_k, "
       "Tensor? bias_v, bool add_zero_attn, float dropout_p, Tensor out_proj_weight, "
@@ -139,33 +126,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_back
   return op.call(grad_output, query, key, value, output, softmax_stats, cu_seqlens_q, cu_seqlens_k,
                  max_seqlen_q, max_seqlen_k, scale, dropout_p, dropout_seed, is_causal, window_left,
                  window_right, alibi_slopes, softcap, sinks);
-}
-
-std::tuple<at::Tensor, std::optional<at::Tensor>> attention(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    bool is_causal, std::optional<double> scale, double dropout_p, bool need_weights,
-    bool average_weights, at::IntArrayRef window_size,
-    const std::optional<at::Tensor>& alibi_slopes, double softcap,
-    const std::optional<at::Tensor>& sinks) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mha::attention", "")
-                       .typed<decltype(attention)>();
-  return op.call(query, key, value, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
-                 need_weights, average_weights, window_size, alibi_slopes, softcap, sinks);
-}
-
-at::Tensor varlen_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                            int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> scale,
-                            double dropout_p, bool is_causal, at::IntArrayRef window_size,
-                            const std::optional<at::Tensor>& alibi_slopes, double softcap,
-                            const std::optional<at::Tensor>& sinks) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mha::varlen_attention", "")
-                       .typed<decltype(varlen_attention)>();
-  return op.call(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                 dropout_p, is_causal, window_size, alibi_slopes, softcap, sinks);
 }
 
 ForwardResult call_forward(const AttentionForwardArgs& a) {

@@ -250,7 +250,7 @@ def _attention_task(
     output, stats, _ = torch.ops.torch_mha.attention_forward(
         query, key, value, attn_mask, None, False, None, 0.0, None, False, False
     )
-    grad_query, grad_key, grad_value, grad_mask = torch.ops.torch_mha.attention_backward(
+    grad_query, grad_key, grad_value, grad_mask, _ = torch.ops.torch_mha.attention_backward(
         grad_output,
         query,
         key,

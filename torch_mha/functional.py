@@ -272,32 +272,209 @@ def _check_key_padding_mask_shape(
         )
 
 
-# The fused core with autograd, as an op (csrc/attention.cpp): the same callable in eager mode,
-# TorchScript, torch.compile, torch.export and C++. Its schema (keyword-only arguments after
-# average_weights) is the Python signature:
-#   attention(query, key, value, attn_mask=None, key_padding_mask=None, is_causal=False,
-#             scale=None, dropout_p=0.0, need_weights=False, average_weights=False, *,
-#             window_size=(-1, -1), alibi_slopes=None, softcap=0.0, sinks=None)
-#       -> (output, weights or None)
-# query (N, H, L, E), key (N, Hkv, S, E), value (N, Hkv, S, Ev) with H a multiple of Hkv
-# (grouped-query attention: query head h reads key/value head h // (H // Hkv)). Masks use
-# nn.MultiheadAttention's polarity: a bool True means "do not attend" (the opposite of
-# F.scaled_dot_product_attention); a floating mask is added to the scores. attn_mask broadcasts
-# to (N, H, L, S); key_padding_mask is (N, S). is_causal lets query i attend keys 0..i
-# (top-left). window_size=(left, right) lets query i see keys j with
-# i + S - L - left <= j <= i + S - L + right (-1: no limit), so (-1, 0) is causal aligned to the
-# bottom-right. softcap > 0 caps the scaled scores as softcap * tanh(score / softcap) before any
-# bias; alibi_slopes (float32, (H,) or (N, H)) adds -slope * |i + S - L - j|; sinks (H,) are
-# logits that join each row's softmax denominator only. dropout_p draws its seed from PyTorch's
-# default generator (pass 0.0 in evaluation). Weights are the probabilities after dropout,
-# (N, H, L, S), or (N, L, S) averaged over heads.
-attention = torch.ops.torch_mha.attention
+def _dropout_seed(dropout_p: float, query: Tensor) -> Optional[Tensor]:
+    """One int64 seed per call from the default generator of the query's device, so that
+    torch.manual_seed reproduces a run and the core op stays a pure function of its inputs."""
+    if dropout_p > 0.0:
+        return torch.randint(0, 9223372036854775807, (1,), dtype=torch.long, device=query.device)
+    return None
 
-# Attention over packed variable-length batches (csrc/attention.cpp), with autograd:
-#   varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-#                    *, scale=None, dropout_p=0.0, is_causal=False, window_size=(-1, -1),
-#                    alibi_slopes=None, softcap=0.0, sinks=None) -> output
-# query (total_q, H, E), key (total_k, Hkv, E), value (total_k, Hkv, Ev); cu_seqlens_* int32
-# (B + 1,) prefix sums starting at 0. Sequence b attends only within itself; causal, window and
-# ALiBi positions are relative to its own lengths. Returns (total_q, H, Ev).
-varlen_attention = torch.ops.torch_mha.varlen_attention
+
+def _window_sides(window_size: Tuple[int, int]) -> Tuple[int, int]:
+    if len(window_size) != 2:
+        raise ValueError(
+            f"window_size must be a pair (left, right), but got {len(window_size)} values"
+        )
+    return window_size[0], window_size[1]
+
+
+def _attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    average_weights: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """attention() as TorchScript compiles it: TorchScript has no keyword-only parameters, so
+    this twin takes the same parameters, in the same order, without the `*`."""
+    left, right = _window_sides(window_size)
+    output, _, weights = torch.ops.torch_mha.attention_forward(
+        query,
+        key,
+        value,
+        attn_mask,
+        key_padding_mask,
+        is_causal,
+        scale,
+        dropout_p,
+        _dropout_seed(dropout_p, query),
+        need_weights,
+        average_weights,
+        left,
+        right,
+        alibi_slopes,
+        softcap,
+        sinks,
+    )
+    if need_weights:
+        return output, weights
+    return output, None
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    average_weights: bool = False,
+    *,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Fused scaled dot-product attention on per-head tensors, with autograd.
+
+    query (N, H, L, E), key (N, Hkv, S, E), value (N, Hkv, S, Ev), H a multiple of Hkv
+    (grouped-query attention: query head h reads key/value head h // (H // Hkv); K and V are
+    never repeated in memory). Returns (output (N, H, L, Ev), weights): the attention
+    probabilities after dropout when need_weights is True, (N, H, L, S) or (N, L, S) averaged
+    over heads when average_weights is True; else None.
+
+    Masks use nn.MultiheadAttention's polarity: a bool True means "do not attend" (the opposite
+    of F.scaled_dot_product_attention); a floating mask is added to the scores. attn_mask
+    broadcasts to (N, H, L, S); key_padding_mask is (N, S). is_causal lets query i attend keys
+    0..i (top-left). dropout_p draws its seed from PyTorch's default generator (pass 0.0 in
+    evaluation).
+
+    Keyword-only modifiers (all combine with each other and with the masks):
+    * window_size=(left, right): query i sees key j only if i + S - L - left <= j (left >= 0)
+      and j <= i + S - L + right (right >= 0); -1 leaves a side open. (-1, 0) is causal aligned
+      to the bottom-right, (w, 0) a causal sliding window. Hidden tiles are skipped.
+    * alibi_slopes: float32 (H,) or (N, H); adds -slope * |i + S - L - j| to the scores.
+    * softcap > 0: score = softcap * tanh(score / softcap), on the scaled q.k before any bias.
+    * sinks: (H,) logits that join each row's softmax denominator only (gradients flow to them);
+      the returned weights leave the sink out.
+    A query with nothing to attend to gets a zero output and zero gradients.
+    """
+    return _attention(
+        query,
+        key,
+        value,
+        attn_mask,
+        key_padding_mask,
+        is_causal,
+        scale,
+        dropout_p,
+        need_weights,
+        average_weights,
+        window_size,
+        alibi_slopes,
+        softcap,
+        sinks,
+    )
+
+
+def _varlen_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
+) -> Tensor:
+    """varlen_attention() as TorchScript compiles it (no keyword-only parameters)."""
+    left, right = _window_sides(window_size)
+    output, _ = torch.ops.torch_mha.varlen_attention_forward(
+        query,
+        key,
+        value,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        dropout_p,
+        _dropout_seed(dropout_p, query),
+        is_causal,
+        left,
+        right,
+        alibi_slopes,
+        softcap,
+        sinks,
+    )
+    return output
+
+
+def varlen_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
+) -> Tensor:
+    """Attention over a packed batch of sequences of different lengths, with autograd.
+
+    query (total_q, H, E), key (total_k, Hkv, E), value (total_k, Hkv, Ev); cu_seqlens_q and
+    cu_seqlens_k are int32 (B + 1,) prefix sums of the sequence lengths, starting at 0 and
+    ending at the totals; max_seqlen_q / max_seqlen_k bound the longest sequence. Sequence b
+    attends only within itself, and causal, window and ALiBi positions are relative to its own
+    lengths (L_b, S_b). The modifiers are those of attention(). Dropout draws the mask of the
+    padded (B, H, max_seqlen_q, max_seqlen_k) call, so the packed and the padded batch agree for
+    a seed. No work is done on padding. Returns (total_q, H, Ev).
+    """
+    return _varlen_attention(
+        query,
+        key,
+        value,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        dropout_p,
+        is_causal,
+        window_size,
+        alibi_slopes,
+        softcap,
+        sinks,
+    )
+
+
+# TorchScript compiles the twins (torch.jit.script calls __prepare_scriptable__ on what it is
+# given, and so does recursive scripting of a function a module calls): same parameters and
+# results, minus the keyword-only marker it cannot compile.
+attention.__prepare_scriptable__ = lambda: _attention  # type: ignore[attr-defined]
+varlen_attention.__prepare_scriptable__ = lambda: _varlen_attention  # type: ignore[attr-defined]

@@ -5,6 +5,8 @@
 // memory a GPU launch would. Plain C++: compiled by nvcc and by the host compiler.
 #pragma once
 
+#include <c10/macros/Macros.h>
+
 #include <cstdint>
 
 #include "attention_params.h"
@@ -24,13 +26,13 @@ struct KernelLaunch {
   int64_t shared_values = 0;  // dynamic shared memory, in values of the accumulate type
 };
 
-inline int64_t tiles_of(int64_t length) {
+C10_HOST_DEVICE inline int64_t tiles_of(int64_t length) {
   return (length + kTile - 1) / kTile;
 }
 
 // Shared tiles store rows padded by one value, so that lanes reading down a column hit
 // distinct banks.
-inline int64_t padded(int64_t dim) {
+C10_HOST_DEVICE inline int64_t padded(int64_t dim) {
   return dim + 1;
 }
 

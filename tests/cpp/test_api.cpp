@@ -1,6 +1,8 @@
 // Uses torch_mha's C++ API directly, with autograd, from a LibTorch program:
 //  * torch_mha::multi_head_attention against nn.MultiheadAttention results saved by Python;
 //  * torch_mha::attention_forward against plain ATen attention computed here;
+//  * torch_mha::attention with grouped-query heads, a sliding window and sinks, and
+//    torch_mha::varlen_attention, against plain ATen computed here;
 //  * concurrent calls from several C++ threads against a serial call.
 //
 //   test_api DATA.pt
@@ -87,6 +89,66 @@ void check_core_against_aten(Checker& check) {
   check.close("attention grad value vs ATen", ours[2], theirs[2], 1e-10);
 }
 
+// Grouped-query heads (K/V repeated here, never by the op), a causal sliding window aligned to
+// the bottom-right, and per-head sinks (one more logit in the softmax denominator).
+at::Tensor reference_variants(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              int64_t window, const at::Tensor& sinks) {
+  const int64_t group = q.size(1) / k.size(1);
+  const int64_t L = q.size(2), S = k.size(2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  at::Tensor scores = at::matmul(q, k.repeat_interleave(group, 1).transpose(-1, -2)) * scale;
+  const at::Tensor i = at::arange(L, at::kLong).view({L, 1});
+  const at::Tensor j = at::arange(S, at::kLong).view({1, S});
+  const at::Tensor position = i + (S - L);
+  const at::Tensor hidden = (j < position - window) | (j > position);
+  scores = scores.masked_fill(hidden, -std::numeric_limits<double>::infinity());
+  const at::Tensor sink_column = sinks.view({1, -1, 1, 1}).expand({q.size(0), q.size(1), L, 1});
+  const at::Tensor probs = at::softmax(at::cat({scores, sink_column}, -1), -1).narrow(-1, 0, S);
+  return at::matmul(probs, v.repeat_interleave(group, 1));
+}
+
+void check_variants_against_aten(Checker& check) {
+  torch::manual_seed(1);
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor q = at::randn({2, 4, 50, 16}, options).requires_grad_(true);
+  at::Tensor k = at::randn({2, 2, 90, 16}, options).requires_grad_(true);
+  at::Tensor v = at::randn({2, 2, 90, 8}, options).requires_grad_(true);
+  at::Tensor sinks = at::randn({4}, options).requires_grad_(true);
+  at::Tensor grad = at::randn({2, 4, 50, 8}, options);
+  const int64_t window = 20;
+
+  auto [output, weights] = torch_mha::attention(
+      q, k, v, std::nullopt, std::nullopt, /*is_causal=*/false, std::nullopt, 0.0,
+      /*need_weights=*/false, false, /*window_size=*/{window, 0}, std::nullopt, 0.0, sinks);
+  check.expect("attention returns no weights unless asked", !weights.has_value());
+  auto ours = torch::autograd::grad({output}, {q, k, v, sinks}, {grad});
+  const at::Tensor expected = reference_variants(q, k, v, window, sinks);
+  auto theirs = torch::autograd::grad({expected}, {q, k, v, sinks}, {grad});
+  check.close("attention (GQA, window, sinks) vs ATen", output, expected, 1e-12);
+  const char* names[] = {"query", "key", "value", "sinks"};
+  for (int n = 0; n < 4; ++n) {
+    check.close(std::string("attention (GQA, window, sinks) grad ") + names[n], ours[n], theirs[n],
+                1e-10);
+  }
+
+  // The same problem packed as one sequence of a varlen batch, next to a shorter one.
+  const at::Tensor packed_q = at::cat({q[0].transpose(0, 1), q[1].transpose(0, 1).narrow(0, 0, 7)});
+  const at::Tensor packed_k = at::cat({k[0].transpose(0, 1), k[1].transpose(0, 1).narrow(0, 0, 9)});
+  const at::Tensor packed_v = at::cat({v[0].transpose(0, 1), v[1].transpose(0, 1).narrow(0, 0, 9)});
+  const at::Tensor cu_q = at::tensor({0, 50, 57}, at::kInt);
+  const at::Tensor cu_k = at::tensor({0, 90, 99}, at::kInt);
+  const at::Tensor packed_out =
+      torch_mha::varlen_attention(packed_q, packed_k, packed_v, cu_q, cu_k, 50, 90, std::nullopt,
+                                  0.0, false, {window, 0}, std::nullopt, 0.0, sinks);
+  check.close("varlen_attention, first sequence vs ATen", packed_out.narrow(0, 0, 50),
+              expected[0].transpose(0, 1), 1e-12);
+  const at::Tensor second =
+      reference_variants(q[1].narrow(1, 0, 7).unsqueeze(0), k[1].narrow(1, 0, 9).unsqueeze(0),
+                         v[1].narrow(1, 0, 9).unsqueeze(0), window, sinks);
+  check.close("varlen_attention, second sequence vs ATen", packed_out.narrow(0, 50, 7),
+              second[0].transpose(0, 1), 1e-12);
+}
+
 void check_concurrent_calls(const TensorFile& data, Checker& check) {
   torch::NoGradGuard no_grad;
   const at::Tensor query = data.get("query");
@@ -130,6 +192,7 @@ int main(int argc, char** argv) {
   std::printf("torch_mha %s\n", torch_mha::build_info().c_str());
   check_layer_against_python(data, check);
   check_core_against_aten(check);
+  check_variants_against_aten(check);
   check_concurrent_calls(data, check);
   std::printf("%d failure(s)\n", check.failures());
   return check.failures();

@@ -997,9 +997,10 @@ void check_nested_parallel(Checker& check) {
     auto [output, stats, weights] = torch_mha::attention_forward(
         p.q, p.k, p.v, p.mask, std::nullopt, /*is_causal=*/true, std::nullopt, 0.1, seed,
         /*need_weights=*/true, /*average_weights=*/true);
-    auto [dq, dk, dv, dmask] = torch_mha::attention_backward(
+    auto [dq, dk, dv, dmask, dsinks] = torch_mha::attention_backward(
         p.grad_output, p.q, p.k, p.v, output, stats, p.mask, std::nullopt, true, std::nullopt, 0.1,
         seed, weights, /*average_weights=*/true, /*compute_mask_grad=*/true);
+    (void)dsinks;
     return std::vector<at::Tensor>{output, weights, dq, dk, dv, dmask};
   };
   std::vector<std::vector<at::Tensor>> serial, nested(kProblems);
