@@ -332,7 +332,6 @@ def _multi_head_attention_forward(
     if query.is_nested or key.is_nested or value.is_nested:
         raise AssertionError("torch_mha.multi_head_attention_forward does not support NestedTensor")
     is_batched = _shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
-    # Shapes as nn's checks see them: (seq, batch, embed).
     # Sizes as nn's checks see them, (seq, batch, embed) (see _seq_first).
     seq_dim = 1 if is_batched and batch_first else 0
     tgt_len, src_len, embed_dim = query.shape[seq_dim], key.shape[seq_dim], query.shape[-1]
