@@ -167,13 +167,13 @@ def _check_mask_dtypes(
     attn_mask: Optional[Tensor],
     key_padding_mask: Optional[Tensor],
     query_dtype: torch.dtype,
-    need_weights: bool,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Float mask dtypes as nn accepts them. nn turns bool masks into float masks of the query's
-    dtype and adds the two masks (type promotion); the sum must have the query's dtype on the
-    need_weights=True path (baddbmm) and the query's dtype or float32 on the need_weights=False
-    path (scaled_dot_product_attention). Float masks are cast to that dtype where nn accepts them,
-    and the same RuntimeError type as nn's is raised where it does not."""
+    dtype and adds the two masks (type promotion); scaled_dot_product_attention (nn's
+    need_weights=False path) takes the sum in the query's dtype or float32. Float masks are cast
+    to that dtype where nn accepts them, and the same RuntimeError type as nn's is raised where it
+    does not. (nn's need_weights=True path, baddbmm, also rejects a float32 sum for a query of
+    another dtype; torch_mha takes it on both paths: a deliberate difference, see the README.)"""
     if attn_mask is None and key_padding_mask is None:
         return attn_mask, key_padding_mask
     merged = query_dtype
@@ -186,7 +186,7 @@ def _check_mask_dtypes(
         merged = _canonical_dtype(attn_mask, query_dtype)
     elif key_padding_mask is not None:
         merged = _canonical_dtype(key_padding_mask, query_dtype)
-    if merged != query_dtype and (need_weights or merged != torch.float32):
+    if merged != query_dtype and merged != torch.float32:
         what = f"key_padding_mask of dtype {merged}"
         if attn_mask is not None and key_padding_mask is not None:
             what = (
@@ -195,11 +195,10 @@ def _check_mask_dtypes(
             )
         elif attn_mask is not None:
             what = f"attn_mask of dtype {merged}"
-        allowed = "the query's dtype" if need_weights else "the query's dtype or float32"
         raise RuntimeError(
-            f"{what} is not supported for a query of dtype {query_dtype} with "
-            f"need_weights={need_weights}: float masks (bool masks count as the query's dtype) "
-            f"and their sum must have {allowed}, as in torch.nn.MultiheadAttention"
+            f"{what} is not supported for a query of dtype {query_dtype}: float masks (bool "
+            "masks count as the query's dtype) and their sum must have the query's dtype or "
+            "float32, as in torch.nn.MultiheadAttention"
         )
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != merged:
         attn_mask = attn_mask.to(merged)
@@ -472,9 +471,7 @@ def _multi_head_attention_forward(
 
     _check_dropout(dropout_p, training, need_weights)
     if not mask_replaced_by_causal:
-        attn_mask, key_padding_mask = _check_mask_dtypes(
-            attn_mask, key_padding_mask, query.dtype, need_weights
-        )
+        attn_mask, key_padding_mask = _check_mask_dtypes(attn_mask, key_padding_mask, query.dtype)
 
     attn_output, attn_weights = torch.ops.torch_mha.multi_head_attention(
         query,
