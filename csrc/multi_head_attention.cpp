@@ -117,8 +117,14 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
   check_same_dtype_and_device("out_proj_bias", out_proj_bias, query);
   check_same_dtype_and_device("static_k", static_k, query);
   check_same_dtype_and_device("static_v", static_v, query);
+  // is_causal with neither a key padding mask nor weights: like
+  // torch.nn.functional.multi_head_attention_forward, attn_mask (required) is replaced by the
+  // causal rule below and not checked further.
+  const bool mask_replaced_by_causal = is_causal && !present(key_padding_mask_in) && !need_weights;
   check_mask_dtype_and_device("key_padding_mask", key_padding_mask_in, query);
-  check_mask_dtype_and_device("attn_mask", attn_mask_in, query);
+  if (!mask_replaced_by_causal) {
+    check_mask_dtype_and_device("attn_mask", attn_mask_in, query);
+  }
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, kOp,
                     ": dropout probability must be in [0, 1), but got ", dropout_p);
 
@@ -174,14 +180,16 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
   check_shape("in_proj_bias", in_proj_bias, {c10::SymInt(3 * embed_dim)});
   check_shape("out_proj_weight", out_proj_weight, {embed_dim, embed_dim});
   check_shape("out_proj_bias", out_proj_bias, {c10::SymInt(embed_dim)});
-  TORCH_CHECK(present(bias_k) == present(bias_v), kOp,
-              ": bias_k and bias_v must both be given or both be None");
+  if (present(bias_k) && present(bias_v)) {
+    TORCH_CHECK(!present(static_k), kOp, ": bias cannot be added to static key.");
+    TORCH_CHECK(!present(static_v), kOp, ": bias cannot be added to static value.");
+  }
+  TORCH_CHECK(present(bias_v) || !present(bias_k), kOp, ": bias_k is set but bias_v is None");
+  TORCH_CHECK(present(bias_k) || !present(bias_v), kOp, ": bias_v is set but bias_k is None");
   check_shape("bias_k", bias_k, {1, 1, embed_dim});
   check_shape("bias_v", bias_v, {1, 1, embed_dim});
-  TORCH_CHECK(!(present(bias_k) && (present(static_k) || present(static_v))), kOp,
-              ": bias cannot be added to static key or value");
 
-  if (present(attn_mask)) {
+  if (present(attn_mask) && !mask_replaced_by_causal) {
     if (attn_mask->dim() == 2) {
       TORCH_CHECK(attn_mask->sym_size(0) == query_len && attn_mask->sym_size(1) == key_len,
                   "The shape of the 2D attn_mask is ", attn_mask->sym_sizes(), ", but should be (",
@@ -201,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_composite(
     TORCH_CHECK(present(attn_mask),
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                 "module method `generate_square_subsequent_mask` to create this mask.");
-    if (!present(key_padding_mask) && !need_weights) {
+    if (mask_replaced_by_causal) {
       attn_mask.reset();
       causal = true;
     }

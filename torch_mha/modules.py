@@ -1,6 +1,7 @@
 """torch_mha.MultiheadAttention: a drop-in replacement for torch.nn.MultiheadAttention."""
 
-from typing import Optional, Tuple
+import warnings
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -8,9 +9,160 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
-from .functional import multi_head_attention_forward
+from .functional import _check_mask_dtype, _multi_head_attention_forward
 
 __all__ = ["MultiheadAttention"]
+
+
+def _privateuse1_backend_name() -> str:
+    if not torch.jit.is_scripting():
+        return torch._C._get_privateuse1_backend_name()
+    return "privateuseone"
+
+
+def _is_make_fx_tracing() -> bool:
+    # nn.modules.activation._is_make_fx_tracing
+    if not torch.jit.is_scripting():
+        modes = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+        return (
+            any(type(m) is torch.fx.experimental.proxy_tensor.ProxyTorchDispatchMode for m in modes)
+            or torch.compiler.is_exporting()
+        )
+    return False
+
+
+def _has_torch_function(tensors: List[Optional[Tensor]]) -> bool:
+    if not torch.jit.is_scripting():
+        return torch.overrides.has_torch_function(tensors)
+    return False
+
+
+def _why_not_fast_path_for_tensors(tensors: List[Optional[Tensor]]) -> str:
+    """The remaining fast-path conditions of nn.MultiheadAttention.forward (on query and the
+    projection weights and biases), with nn's words; "" when none fails."""
+    backend = _privateuse1_backend_name()
+    if _has_torch_function(tensors):
+        return "some Tensor argument has_torch_function"
+    for t in tensors:
+        if t is not None and t.device.type not in ["cpu", "cuda", backend]:
+            return f"some Tensor argument's device is neither one of cpu, cuda or {backend}"
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return (
+                    "grad is enabled and at least one of query or the input/output projection "
+                    "weights or biases requires_grad"
+                )
+    if _is_make_fx_tracing():
+        return "we are running make_fx tracing"
+    return ""
+
+
+def _nested_fast_path(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Optional[Tensor],
+    need_weights: bool,
+    attn_mask: Optional[Tensor],
+    average_attn_weights: bool,
+    embed_dim: int,
+    num_heads: int,
+    in_proj_weight: Optional[Tensor],
+    in_proj_bias: Optional[Tensor],
+    out_proj_weight: Tensor,
+    out_proj_bias: Optional[Tensor],
+    training: bool,
+    batch_first: bool,
+    has_bias_k: bool,
+    has_bias_v: bool,
+    add_zero_attn: bool,
+    qkv_same_embed_dim: bool,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """nn.MultiheadAttention.forward for NestedTensor inputs: its fast-path conditions, in its
+    order, with its words; the native kernel where they all hold, else nn's AssertionError.
+    (A function of Optional arguments rather than a method, so that TorchScript compiles it for
+    modules whose biases or packed weight are None.)"""
+    why_not_fast_path = ""
+    if (attn_mask is not None and torch.is_floating_point(attn_mask)) or (
+        key_padding_mask is not None and torch.is_floating_point(key_padding_mask)
+    ):
+        why_not_fast_path = "floating-point masks are not supported for fast path."
+    if not torch.backends.mha.get_fastpath_enabled():
+        why_not_fast_path = "torch.backends.mha.get_fastpath_enabled() was not True"
+    elif query.dim() != 3:
+        why_not_fast_path = f"input not batched; expected query.dim() of 3 but got {query.dim()}"
+    elif query is not key or key is not value:
+        why_not_fast_path = (
+            "non-self attention was used (query, key, and value are not the same Tensor)"
+        )
+    elif in_proj_bias is not None and query.dtype != in_proj_bias.dtype:
+        why_not_fast_path = (
+            f"dtypes of query ({query.dtype}) and self.in_proj_bias ({in_proj_bias.dtype}) "
+            "don't match"
+        )
+    elif in_proj_weight is None:
+        why_not_fast_path = "in_proj_weight was None"
+    elif query.dtype != in_proj_weight.dtype:
+        why_not_fast_path = (
+            f"dtypes of query ({query.dtype}) and self.in_proj_weight ({in_proj_weight.dtype}) "
+            "don't match"
+        )
+    elif training:
+        why_not_fast_path = "training is enabled"
+    elif (num_heads % 2) != 0:
+        why_not_fast_path = "self.num_heads is not even"
+    elif not batch_first:
+        why_not_fast_path = "batch_first was not True"
+    elif has_bias_k:
+        why_not_fast_path = "self.bias_k was not None"
+    elif has_bias_v:
+        why_not_fast_path = "self.bias_v was not None"
+    elif add_zero_attn:
+        why_not_fast_path = "add_zero_attn was enabled"
+    elif not qkv_same_embed_dim:
+        why_not_fast_path = "_qkv_same_embed_dim was not True"
+    elif key_padding_mask is not None or attn_mask is not None:
+        why_not_fast_path = (
+            "supplying both src_key_padding_mask and src_mask at the same time"
+            "                                  "  # 34 spaces: a continued line in nn
+            "is not supported with NestedTensor input"
+        )
+    elif torch.is_autocast_enabled():
+        why_not_fast_path = "autocast is enabled"
+    if why_not_fast_path == "":
+        tensor_args: List[Optional[Tensor]] = [
+            query,
+            in_proj_weight,
+            in_proj_bias,
+            out_proj_weight,
+            out_proj_bias,
+        ]
+        why_not_fast_path = _why_not_fast_path_for_tensors(tensor_args)
+        if why_not_fast_path == "" and in_proj_bias is not None and in_proj_weight is not None:
+            assert out_proj_bias is not None  # nn's module has both biases or neither
+            output, weights = torch._native_multi_head_attention(
+                query,
+                key,
+                value,
+                embed_dim,
+                num_heads,
+                in_proj_weight,
+                in_proj_bias,
+                out_proj_weight,
+                out_proj_bias,
+                None,
+                need_weights,
+                average_attn_weights,
+                None,
+            )
+            return output, (weights if need_weights else None)
+    # Where the fast path's conditions hold but the module has no biases, nn falls through to
+    # this error with an empty reason.
+    raise AssertionError(
+        "MultiheadAttention does not support NestedTensor outside of its fast path. "
+        + f"The fast path was not hit because {why_not_fast_path}"
+    )
 
 
 class MultiheadAttention(nn.Module):
@@ -132,55 +284,28 @@ class MultiheadAttention(nn.Module):
         average_attn_weights: bool,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """NestedTensor inputs: PyTorch's native multi-head attention kernel, exactly where
-        nn.MultiheadAttention would use it (self-attention in inference with packed weights and
-        biases, batch_first, no extra key/value positions, no masks), else nn's error."""
-        why_not = ""
-        if not (query is key and key is value):
-            why_not = "query, key and value are not the same tensor"
-        elif self.training:
-            why_not = "the module is in training mode"
-        elif not self.batch_first:
-            why_not = "batch_first is False"
-        elif not self._qkv_same_embed_dim or self.in_proj_weight is None:
-            why_not = "kdim or vdim differs from embed_dim"
-        elif self.in_proj_bias is None or self.out_proj.bias is None:
-            why_not = "the module has no biases (bias=False)"
-        elif self.bias_k is not None or self.add_zero_attn:
-            why_not = "add_bias_kv or add_zero_attn is set"
-        elif self.num_heads % 2 != 0:
-            why_not = "num_heads is odd"
-        elif attn_mask is not None or key_padding_mask is not None:
-            why_not = "masks are not supported together with NestedTensor"
-        elif torch.is_grad_enabled() and any(
-            p is not None and p.requires_grad
-            for p in [self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, query]
-        ):
-            why_not = "autograd is enabled and an input or parameter requires grad"
-        if why_not != "":
-            raise AssertionError(
-                "MultiheadAttention does not support NestedTensor outside of its fast path: "
-                + why_not
-            )
-        in_proj_weight = self.in_proj_weight
-        in_proj_bias = self.in_proj_bias
-        out_bias = self.out_proj.bias
-        assert in_proj_weight is not None and in_proj_bias is not None and out_bias is not None
-        output, weights = torch._native_multi_head_attention(
+        nn.MultiheadAttention uses it (its fast path), else nn's AssertionError with nn's reason."""
+        return _nested_fast_path(
             query,
             key,
             value,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            average_attn_weights,
             self.embed_dim,
             self.num_heads,
-            in_proj_weight,
-            in_proj_bias,
+            self.in_proj_weight,
+            self.in_proj_bias,
             self.out_proj.weight,
-            out_bias,
-            None,
-            need_weights,
-            average_attn_weights,
-            None,
+            self.out_proj.bias,
+            self.training,
+            self.batch_first,
+            self.bias_k is not None,
+            self.bias_v is not None,
+            self.add_zero_attn,
+            self._qkv_same_embed_dim,
         )
-        return output, (weights if need_weights else None)
 
     def merge_masks(
         self,
@@ -228,11 +353,24 @@ class MultiheadAttention(nn.Module):
         Returns (attn_output, attn_weights), attn_weights averaged over heads when
         average_attn_weights is True, None when need_weights is False.
         """
+        # nn.MultiheadAttention turns both masks into float masks first: their dtype checks (and
+        # the warning about mismatched masks) come before any other check.
+        _check_mask_dtype(key_padding_mask, "key_padding_mask")
+        if (
+            key_padding_mask is not None
+            and attn_mask is not None
+            and key_padding_mask.dtype != attn_mask.dtype
+        ):
+            warnings.warn(
+                "Support for mismatched key_padding_mask and attn_mask is deprecated. Use same "
+                "type for both instead."
+            )
+        _check_mask_dtype(attn_mask, "attn_mask")
         if query.is_nested or key.is_nested or value.is_nested:
             return self._nested_forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights
             )
-        return multi_head_attention_forward(
+        return _multi_head_attention_forward(
             query,
             key,
             value,
@@ -246,15 +384,18 @@ class MultiheadAttention(nn.Module):
             self.dropout,
             self.out_proj.weight,
             self.out_proj.bias,
-            training=self.training,
-            key_padding_mask=key_padding_mask,
-            need_weights=need_weights,
-            attn_mask=attn_mask,
-            use_separate_proj_weight=not self._qkv_same_embed_dim,
-            q_proj_weight=self.q_proj_weight,
-            k_proj_weight=self.k_proj_weight,
-            v_proj_weight=self.v_proj_weight,
-            average_attn_weights=average_attn_weights,
-            is_causal=is_causal,
-            batch_first=self.batch_first,
+            self.training,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            not self._qkv_same_embed_dim,
+            self.q_proj_weight,
+            self.k_proj_weight,
+            self.v_proj_weight,
+            None,
+            None,
+            average_attn_weights,
+            is_causal,
+            self.batch_first,
+            True,
         )
