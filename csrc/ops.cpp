@@ -13,6 +13,7 @@
 #include <string>
 
 #include "attention_args.h"
+#include "backend_selection.h"
 #include "torch_mha.h"
 
 namespace torch_mha {
@@ -60,6 +61,13 @@ TORCH_LIBRARY(torch_mha, m) {
       "Tensor? static_v=None, bool average_attn_weights=True, bool is_causal=False, "
       "bool batch_first=False) -> (Tensor attn_output, Tensor attn_weights)",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_explain_cuda_backend(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor? key_padding_mask, bool is_causal, float dropout_p, bool need_weights, "
+      "int window_left, int window_right, Tensor? alibi_slopes, float softcap, Tensor? sinks, "
+      "bool backward, bool mask_grad, int device_major, int device_minor, bool deterministic, "
+      "str requested) -> (str backend, str[] candidates, str[] reasons)",
+      &explain_cuda_backend);
   m.def("_cuda_version() -> int", &cuda_version);
   m.def("_cpu_capability() -> str", &cpu_capability);
   m.def("_build_info() -> str", &build_info);

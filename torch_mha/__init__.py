@@ -10,6 +10,7 @@ from ._library import load_library as _load_library
 library_path: str = _load_library()
 
 from . import functional  # noqa: E402
+from .backends import BackendChoice, explain  # noqa: E402
 from .functional import (  # noqa: E402
     attention,
     multi_head_attention_forward,
@@ -36,11 +37,13 @@ def cuda_version() -> int:
 
 __all__ = [
     "AttentionConfig",
+    "BackendChoice",
     "MultiheadAttention",
     "SwapReport",
     "SwappedAttention",
     "attention",
     "cuda_version",
+    "explain",
     "functional",
     "library_path",
     "multi_head_attention_forward",
