@@ -44,6 +44,9 @@ std::string common_reason(const CudaBackendQuery& q) {
   if (q.varlen) {
     return "packed variable-length batch";
   }
+  if (q.key_lengths) {
+    return "per-sequence key lengths (a KV cache)";
+  }
   if (q.has_alibi) {
     return "ALiBi slopes";
   }
@@ -189,6 +192,7 @@ CudaBackendQuery cuda_backend_query(const AttentionForwardArgs& args, bool backw
   const at::Tensor& query = args.query;
   q.dtype = query.scalar_type();
   q.varlen = args.is_varlen();
+  q.key_lengths = args.key_lengths.has_value();
   q.heads = query.size(1);  // (N, H, L, D), or (total, H, D) packed
   q.kv_heads = args.key.size(1);
   if (q.varlen) {

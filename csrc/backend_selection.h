@@ -32,6 +32,7 @@ struct CudaBackendQuery {
   int64_t head_dim = 0;
   int64_t value_dim = 0;
   bool varlen = false;
+  bool key_lengths = false;  // per-sequence key lengths (a KV cache)
   bool has_attn_mask = false;
   bool has_key_padding_mask = false;
   bool is_causal = false;

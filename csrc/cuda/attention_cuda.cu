@@ -15,6 +15,7 @@
 #include "backend_selection.h"
 #include "cuda/attention_launch.h"
 #include "cuda/fused_attention.h"
+#include "kvcache.h"
 
 namespace torch_mha::cuda {
 namespace {
@@ -84,6 +85,7 @@ BackwardResult attention_backward_cuda(const AttentionBackwardArgs& args) {
 
 TORCH_LIBRARY_IMPL(torch_mha, CUDA, m) {
   register_core_attention_kernels<&attention_forward_cuda, &attention_backward_cuda>(m);
+  register_kvcache_kernel<&attention_with_kvcache_on<&attention_forward_cuda>>(m);
 }
 
 }  // namespace torch_mha::cuda
