@@ -12,6 +12,7 @@ import sys
 from typing import Any, Callable, List, Optional, Sequence
 
 from . import BENCH_DIR
+from .machine import machine_line
 from .memory import memory_worker
 from .plot import make_plot
 from .report import build_tables, targets_text, write_json, write_markdown
@@ -186,6 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     data = run_benchmark(args)
     tables = build_tables(data)
+    print()
+    print(machine_line(data["metadata"]))
     print()
     print("\n\n".join(t.text() for t in tables))
     print()

@@ -185,6 +185,12 @@ class GroupSpec:
     scan: Optional[Mapping[str, Tuple[str, ...]]] = None
     # Modes the memory worker's warm-up calls run in (one tiny call each).
     warm_modes: Tuple[str, ...] = ("train", "infer")
+    note: str = ""  # printed under each of the group's tables (generic layout)
+    max_repeats: Optional[int] = None  # at most this many measured rounds (a slow group)
+
+    def repeats(self, cli: int) -> int:
+        """The measured rounds per case, given --repeats."""
+        return cli if self.max_repeats is None else min(cli, self.max_repeats)
 
     def timed_modes(self, cli: Sequence[str]) -> List[str]:
         """The modes this group's workloads run in, given --modes."""
