@@ -43,7 +43,8 @@ def test_bench_attention_smallest_run(tmp_path) -> None:
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Targets (issue #5)" in proc.stdout
+    assert "Targets (issues #5 and #14)" in proc.stdout
+    assert "Machine: " in proc.stdout
 
     # JSON: metadata, every group measured, medians and memory present, targets evaluated.
     data = json.loads((out / "bench_attention.json").read_text())

@@ -56,6 +56,9 @@ METHOD = """\
   order). The memory scan runs the training step at batch 1 for each length, float32, head dim
   64, not causal, so linear memory doubles and quadratic memory quadruples from one length to
   the next.
+* **Variant groups** (window, gqa, varlen; issue 14) are fixed shapes timed as training steps
+  like the core op; each table's note says what every contender runs, how its masks are built
+  (once, outside the clock) and which FLOP count its GFLOP/s use.
 * **Skips.** A contender whose estimated memory (nn's L x S matrices: ~4.5 copies of N*H*L*S
   elements in training, ~3 in inference) exceeds `--memory-budget-gib` is skipped, with the
   reason printed and recorded."""
@@ -379,7 +382,7 @@ GROUP_TABLES: Dict[str, TableBuilder] = {
 
 
 def targets_text(data: Dict[str, Any]) -> str:
-    lines = ["Targets (issue #5)", "------------------"]
+    lines = ["Targets (issues #5 and #14)", "---------------------------"]
     for tg in data["targets"]:
         lines.append(f"{tg['status']:>12}  {tg['target']} ({_fmt_threshold(tg)})")
         if tg["status"] != "not measured":
