@@ -197,7 +197,7 @@ begin_stage() {
   if ! stage_enabled "$stage" || [ "$LIMIT" -lt "${MIN[$stage]}" ]; then
     for phase in ${MEMBERS[$stage]}; do
       if [ "${ENABLED[$phase]}" != 1 ]; then
-        record "$phase" skipped 0 0 "skipped on request"
+        record "$phase" off 0 0 "skipped on request"
       else
         record "$phase" skipped 0 "$LIMIT" "time budget: ${LIMIT} s left, the stage needs ${MIN[$stage]}"
         say "$phase: skipped (time budget)"
@@ -220,7 +220,7 @@ run_phase() {
   shift 3
   printf '%s\n' "$*" >>"$COMMANDS"
   if [ "${ENABLED[$name]}" != 1 ]; then
-    record "$name" skipped 0 0 "skipped on request"
+    record "$name" off 0 0 "skipped on request"
     return 0
   fi
   say "$name: up to ${limit} s: $*"
@@ -319,7 +319,7 @@ if [ "$DRY_RUN" = 1 ]; then
       if [ "${ENABLED[$phase]}" = 1 ]; then
         record "$phase" dry-run 0 "${CAP[$stage]}" "not run: dry run"
       else
-        record "$phase" skipped 0 0 "skipped on request"
+        record "$phase" off 0 0 "skipped on request"
       fi
     done
   done

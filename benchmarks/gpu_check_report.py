@@ -146,6 +146,25 @@ def _load_json(path: str) -> Optional[dict]:
         return None
 
 
+# The order of the phase table (the phases of a stage finish in any order).
+PHASE_ORDER = [
+    "probe",
+    "build",
+    "tests",
+    "tests-own",
+    "memcheck",
+    "racecheck",
+    "synccheck",
+    "bench",
+    "cpu-pytest",
+    "cpu-sanitize",
+    "cpu-bench",
+]
+# Statuses of a phase that did not run: skipped (time budget, a missing tool), off (on
+# request), dry-run.
+NOT_RUN = ("skipped", "off", "dry-run")
+
+
 def read_phases(work: str) -> List[Dict[str, object]]:
     phases = []
     for line in _read(os.path.join(work, "phases.tsv")).splitlines():
@@ -162,7 +181,8 @@ def read_phases(work: str) -> List[Dict[str, object]]:
                 "detail": detail,
             }
         )
-    return phases
+    rank = {name: i for i, name in enumerate(PHASE_ORDER)}
+    return sorted(phases, key=lambda p: rank.get(p["phase"], len(rank)))
 
 
 ERROR_LINE = re.compile(
@@ -232,7 +252,7 @@ def sanitizer_result(tool: str, log: str, driver: Optional[dict], phase: dict) -
             for c in driver.get("cases", [])
             if c.get("status") == "error"
         ][:20]
-    if phase.get("status") in ("skipped", "dry-run"):
+    if phase.get("status") in NOT_RUN:
         result["status"] = phase["status"]
     elif result.get("errors", 0) or (not summary and not race and reports):
         result["status"] = "failed"
@@ -251,12 +271,8 @@ def sanitizer_result(tool: str, log: str, driver: Optional[dict], phase: dict) -
 
 
 def tests_result(data: Optional[dict], phase: dict) -> dict:
-    if phase.get("status") in ("skipped", "dry-run") or data is None:
-        out = {
-            "status": phase.get("status")
-            if phase.get("status") in ("skipped", "dry-run")
-            else "failed"
-        }
+    if phase.get("status") in NOT_RUN or data is None:
+        out = {"status": phase.get("status") if phase.get("status") in NOT_RUN else "failed"}
         if data is None and out["status"] == "failed":
             out["note"] = "pytest wrote no result (see tests.log)"
         if data is not None:
@@ -295,7 +311,9 @@ PASSING = ("ok", "passed")
 
 
 def overall(phases: List[dict], results: Dict[str, str], dry_run: bool) -> str:
-    statuses = [p["status"] for p in phases] + list(results.values())
+    """A phase's result where the report refined it (e.g. tests stopped by the deadline exit
+    non-zero but are incomplete, not failed), else its exit status."""
+    statuses = [results.get(p["phase"], p["status"]) for p in phases] + list(results.values())
     if any(s == "failed" for s in statuses):
         return "failed"
     if dry_run:
@@ -443,7 +461,7 @@ def make_report(args) -> int:
     tests: Dict[str, dict] = {}
     for key, phase in (("default", "tests"), ("own", "tests-own")):
         data = _load_json(os.path.join(work, f"tests_{key}.json"))
-        ph = by_name.get(phase, {"status": "skipped"})
+        ph = by_name.get(phase, {"status": "off"})
         if args.dry_run:
             if key == "default" and data is not None:
                 data = dict(
@@ -459,7 +477,7 @@ def make_report(args) -> int:
     # sanitizer
     sanitizer: Dict[str, dict] = {}
     for tool in ("memcheck", "racecheck", "synccheck"):
-        ph = by_name.get(tool, {"status": "skipped"})
+        ph = by_name.get(tool, {"status": "off"})
         sanitizer[tool] = sanitizer_result(
             tool,
             _read(os.path.join(work, f"sanitize_{tool}.log")),
@@ -506,6 +524,8 @@ def make_report(args) -> int:
             r.get("status") == "skipped" for r in bench.get("rows", [])
         ):
             results["bench"] = "incomplete"
+        else:
+            results["bench"] = "passed"
 
     # logs: merged per phase, trimmed
     logs = {
