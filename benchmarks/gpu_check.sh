@@ -284,7 +284,17 @@ TESTS_DEFAULT=("$PY" benchmarks/gpu_check_pytest.py --procs "$TEST_PROCS" --thre
 TESTS_OWN=(env TORCH_MHA_CUDA_BACKEND=own "$PY" benchmarks/gpu_check_pytest.py --procs 1
   --threads "$TEST_THREADS" --results "$WORK/tests_own.json" -- "${PYTEST_ARGS[@]}"
   "${CUDA_TESTS[@]}" -k float16)
-BUILD=(env FORCE_CUDA=1 "NVCC_FLAGS=-Xptxas=-v ${NVCC_FLAGS:-}" "$PY" setup.py build_ext --inplace)
+# -Xptxas=-v: every kernel's registers and spills for the report. --split-compile=0 (nvcc 11.8
+# and newer; passed on to ptxas): device optimisation and code generation on as many threads as
+# there are CPUs. attention_cuda.cu holds every kernel instantiation in one translation unit, the
+# longest compile of the build; single-threaded it took 4 minutes of CPU on the 2-core CI machine.
+NVCC_BIN=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+BUILD_NVCC_FLAGS="-Xptxas=-v"
+if "$NVCC_BIN" --help 2>/dev/null | grep -q -- "--split-compile "; then
+  BUILD_NVCC_FLAGS+=" --split-compile=0"
+fi
+BUILD=(env FORCE_CUDA=1 "NVCC_FLAGS=$BUILD_NVCC_FLAGS ${NVCC_FLAGS:-}" "$PY" setup.py build_ext
+  --inplace)
 BENCH=("$PY" benchmarks/gpu_check.py --json "$WORK/bench.json" --markdown "$WORK/bench.md"
   "${BENCH_ARGS[@]}")
 SANITIZER_TOOLS=(memcheck racecheck synccheck)
