@@ -86,22 +86,6 @@ def cpu_isa_flags():
     return {isa["name"]: isa["flags"] for isa in ISA_BUILDS["isas"] if x86_64 or not isa["x86_64"]}
 
 
-def cuda_library_headers():
-    """Folders holding the headers of the CUDA libraries that PyTorch's CUDA headers include
-    (ATen/cuda/CUDAContext.h includes cusparse.h and cublas_v2.h), when the toolkit at CUDA_HOME
-    lacks them: a toolkit of nvcc alone (e.g. assembled from pip wheels) next to a pip-installed
-    torch, whose nvidia-* dependencies ship those headers under site-packages/nvidia/ (one
-    nvidia/cu13/include for CUDA 13, nvidia/<library>/include for CUDA 12). Empty when CUDA_HOME
-    has them. They go to nvcc as -isystem, searched after every -I folder (the toolkit's among
-    them), so they only supply what the toolkit does not have."""
-    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
-        return []
-    site_packages = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
-    folders = sorted(glob.glob(os.path.join(site_packages, "nvidia", "*", "include")))
-    wanted = ("cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h")
-    return [f for f in folders if any(os.path.exists(os.path.join(f, h)) for h in wanted)]
-
-
 def nvcc_version():
     """CUDA version of the nvcc that would be used, as 'major.minor', or None."""
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
@@ -184,7 +168,6 @@ def make_extension():
                 "--threads",
                 "2",
             ]
-            + [flag for folder in cuda_library_headers() for flag in ("-isystem", folder)]
             + shlex.split(os.environ.get("NVCC_FLAGS", ""))
         )
         extension = CUDAExtension
