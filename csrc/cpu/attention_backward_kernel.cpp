@@ -36,7 +36,8 @@ void add_weights_delta(const AttentionBackwardParams& p) {
 
   const int64_t items = p.batch * heads * query_blocks;
   parallel_over_items(items, [&](const auto& claim) {
-    std::vector<acc_t> qt(head_dim * ld), pt(kBlockK * ld), sums(ld);
+    const int64_t qt_ld = query_panel_ld<acc_t>();
+    std::vector<acc_t> qt(head_dim * qt_ld), pt(kBlockK * ld), sums(ld);
     BlockStats<acc_t> stats;
     std::vector<acc_t> factors(dropout.enabled ? kBlockK * ld : 0);
     for (int64_t item = claim(); item < items; item = claim()) {
@@ -46,7 +47,7 @@ void add_weights_delta(const AttentionBackwardParams& p) {
       const QueryBlock block(p, seq, item % query_blocks, kWidth);
       const int64_t q0 = block.q0, rows = block.rows, padded_rows = block.padded_rows;
       pack_transposed(p.query.row<const scalar_t>(b, h, q0), p.query.stride_row, rows, head_dim,
-                      static_cast<acc_t>(p.scale), qt.data(), ld, padded_rows);
+                      static_cast<acc_t>(p.scale), qt.data(), qt_ld, padded_rows);
       stats.load(p, b, h, q0, rows, padded_rows);
       std::fill(sums.begin(), sums.end(), acc_t(0));
       for (int64_t k0 = block.keys.begin; k0 < block.keys.end; k0 += kBlockK) {
@@ -107,15 +108,16 @@ void compute_softmax_delta(const AttentionBackwardParams& p) {
 template <typename scalar_t, typename acc_t>
 struct HeadPanels {
   std::vector<acc_t> qt, dot, offset, log_sum, delta;
-  std::vector<acc_t> q_rows, dout_rows;  // packed rows, only when the input can't be used
+  std::vector<acc_t> q_rows, dout_rows;  // packed rows (rows_operand)
   RowsOperand<acc_t> q_operand{nullptr, 0};
   RowsOperand<acc_t> dout_operand{nullptr, 0};
 
   void prepare(const AttentionBackwardParams& p, const Sequence& seq, int64_t h) {
     const int64_t b = seq.batch;
     const int64_t query_blocks = (seq.query_len + kBlockQ - 1) / kBlockQ;
-    scratch(qt, query_blocks * p.head_dim * kBlockQ);
-    scratch(dot, query_blocks * p.value_dim * kBlockQ);
+    const int64_t ld = query_panel_ld<acc_t>();
+    scratch(qt, query_blocks * p.head_dim * ld);
+    scratch(dot, query_blocks * p.value_dim * ld);
     scratch(offset, query_blocks * kBlockQ);
     scratch(log_sum, query_blocks * kBlockQ);
     scratch(delta, query_blocks * kBlockQ);
@@ -123,11 +125,9 @@ struct HeadPanels {
       const int64_t q0 = qb * kBlockQ;
       const int64_t rows = std::min(kBlockQ, seq.query_len - q0);
       pack_transposed(p.query.row<const scalar_t>(b, h, q0), p.query.stride_row, rows, p.head_dim,
-                      static_cast<acc_t>(p.scale), qt.data() + qb * p.head_dim * kBlockQ, kBlockQ,
-                      kBlockQ);
+                      static_cast<acc_t>(p.scale), qt.data() + qb * p.head_dim * ld, ld, kBlockQ);
       pack_transposed(p.grad_output.row<const scalar_t>(b, h, q0), p.grad_output.stride_row, rows,
-                      p.value_dim, acc_t(1), dot.data() + qb * p.value_dim * kBlockQ, kBlockQ,
-                      kBlockQ);
+                      p.value_dim, acc_t(1), dot.data() + qb * p.value_dim * ld, ld, kBlockQ);
       for (int64_t i = 0; i < kBlockQ; ++i) {
         // (+inf, 0) makes every probability of a padding query 0.
         const bool real = i < rows;
@@ -137,10 +137,12 @@ struct HeadPanels {
         delta[q0 + i] = real ? *p.delta.row<const acc_t>(b, h, q0 + i) : acc_t(0);
       }
     }
+    // Packed once per head, read by every key block.
     q_operand = rows_operand(p.query.row<const scalar_t>(b, h, 0), p.query.stride_row,
-                             seq.query_len, p.head_dim, q_rows);  // packed unless dense float
-    dout_operand = rows_operand(p.grad_output.row<const scalar_t>(b, h, 0),
-                                p.grad_output.stride_row, seq.query_len, p.value_dim, dout_rows);
+                             seq.query_len, p.head_dim, /*in_place_if_dense=*/false, q_rows);
+    dout_operand =
+        rows_operand(p.grad_output.row<const scalar_t>(b, h, 0), p.grad_output.stride_row,
+                     seq.query_len, p.value_dim, /*in_place_if_dense=*/false, dout_rows);
   }
 };
 
@@ -153,6 +155,9 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
   const int64_t heads = p.heads, head_dim = p.head_dim, value_dim = p.value_dim;
   const int64_t head_dim_padded = round_up(head_dim, kWidth);
   const int64_t value_dim_padded = round_up(value_dim, kWidth);
+  const int64_t panel_ld = query_panel_ld<acc_t>();
+  // k_tile is dQ's B operand: rows a conflict-free stride apart (conflict_free_row_stride).
+  const int64_t k_ld = conflict_free_row_stride<acc_t>(head_dim);
   const int64_t key_blocks = (p.key_len + kBlockK - 1) / kBlockK;
   const int64_t chunks = work.chunks;
   const int64_t group = p.group_size();
@@ -180,7 +185,7 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
     std::vector<acc_t> dv_acc(kBlockK * value_dim_padded);
     // The key block's keys and values, packed once and read for every query block and head:
     // dense float rows whatever the input's dtype and strides.
-    std::vector<acc_t> k_tile(kBlockK * head_dim_padded);
+    std::vector<acc_t> k_tile(kBlockK * k_ld);
     std::vector<acc_t> v_tile(kBlockK * value_dim_padded);
 
     for (int64_t item = claim(); item < items; item = claim()) {
@@ -205,7 +210,7 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
         const int64_t k0 = kb * kBlockK;
         const int64_t cols = std::min(kBlockK, seq.key_len - k0);
         pack_rows(p.key.row<const scalar_t>(b, kv_head, k0), p.key.stride_row, cols, head_dim,
-                  acc_t(1), k_tile.data(), head_dim_padded);
+                  acc_t(1), k_tile.data(), k_ld);
         pack_rows(p.value.row<const scalar_t>(b, kv_head, k0), p.value.stride_row, cols, value_dim,
                   acc_t(1), v_tile.data(), value_dim_padded);
         std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
@@ -219,14 +224,13 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
           for (int64_t g = 0; g < group; ++g) {
             const int64_t h = kv_head * group + g;
             const HeadPanels<scalar_t, acc_t>& panel = panels[g];
-            const acc_t* qt = panel.qt.data() + qb * head_dim * ld;
-            const acc_t* dot = panel.dot.data() + qb * value_dim * ld;
+            const acc_t* qt = panel.qt.data() + qb * head_dim * panel_ld;
+            const acc_t* dot = panel.dot.data() + qb * value_dim * panel_ld;
 
             // P^T, recomputed
-            probability_tile(p, transform, seq, h, q0, rows, padded_rows, k_tile.data(),
-                             head_dim_padded, qt, panel.offset.data() + q0,
-                             panel.log_sum.data() + q0, k0, cols, pt.data(),
-                             softcap ? slope.data() : nullptr);
+            probability_tile(p, transform, seq, h, q0, rows, padded_rows, k_tile.data(), k_ld, qt,
+                             panel.offset.data() + q0, panel.log_sum.data() + q0, k0, cols,
+                             pt.data(), softcap ? slope.data() : nullptr);
             const acc_t* used_pt = pt.data();
             if (dropout.enabled) {
               dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
@@ -242,7 +246,7 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
 
             // dP^T = V dO^T (+ dW^T), times the dropout factors
             block_matmul<acc_t, acc_t>(cols, padded_rows, value_dim, v_tile.data(),
-                                       value_dim_padded, 1, dot, ld, dst.data(), ld,
+                                       value_dim_padded, 1, dot, panel_ld, dst.data(), ld,
                                        /*accumulate=*/false);
             if (grad_weights_data != nullptr) {
               for (int64_t i = 0; i < rows; ++i) {
@@ -286,8 +290,7 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
                                        panel.q_operand.ld, dk_acc.data(), head_dim_padded,
                                        /*accumulate=*/true);
             block_matmul<acc_t, acc_t>(rows, head_dim_padded, cols, dst.data(), 1, ld,
-                                       k_tile.data(), head_dim_padded,
-                                       work.dq_row<acc_t>(chunk, b, h, q0),
+                                       k_tile.data(), k_ld, work.dq_row<acc_t>(chunk, b, h, q0),
                                        work.dq_layout(chunk).stride_row, /*accumulate=*/true);
           }
         }

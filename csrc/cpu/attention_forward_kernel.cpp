@@ -66,7 +66,8 @@ class QueryBlockAccumulator {
         transform_{p},
         dropout_(p),
         value_dim_padded_(round_up(p.value_dim, kWidth)),
-        qt_(heads_per_item * p.head_dim * ld),
+        qt_ld_(query_panel_ld<acc_t>()),
+        qt_(heads_per_item * p.head_dim * qt_ld_),
         acc_(heads_per_item * kBlockQ * value_dim_padded_),
         m_(heads_per_item * ld),
         l_(heads_per_item * ld),
@@ -86,7 +87,7 @@ class QueryBlockAccumulator {
     for (int64_t g = 0; g < heads; ++g) {
       pack_transposed(p_.query.row<const scalar_t>(seq.batch, first_head + g, block.q0),
                       p_.query.stride_row, block.rows, p_.head_dim, static_cast<acc_t>(p_.scale),
-                      qt_.data() + g * p_.head_dim * ld, ld, block.padded_rows);
+                      qt_.data() + g * p_.head_dim * qt_ld_, qt_ld_, block.padded_rows);
     }
     std::fill(acc_.begin(), acc_.end(), acc_t(0));
     std::fill(m_.begin(), m_.end(), negative_infinity<acc_t>());
@@ -100,7 +101,7 @@ class QueryBlockAccumulator {
     const scalar_t* keys = p_.key.row<const scalar_t>(b, kv_head, k0);
     const RowsOperand<acc_t> values =
         rows_operand(p_.value.row<const scalar_t>(b, kv_head, k0), p_.value.stride_row, cols,
-                     p_.value_dim, v_buffer_);
+                     p_.value_dim, /*in_place_if_dense=*/true, v_buffer_);
     acc_t* st = st_.data();
     for (int64_t g = 0; g < heads_; ++g) {
       const int64_t h = first_head_ + g;
@@ -108,7 +109,7 @@ class QueryBlockAccumulator {
       acc_t* head_m = m_.data() + g * ld;
       acc_t* head_l = l_.data() + g * ld;
       block_matmul<acc_t, scalar_t>(cols, padded_rows, p_.head_dim, keys, p_.key.stride_row, 1,
-                                    qt_.data() + g * p_.head_dim * ld, ld, st, ld,
+                                    qt_.data() + g * p_.head_dim * qt_ld_, qt_ld_, st, ld,
                                     /*accumulate=*/false);
       transform_.apply(*seq_, h, q0, rows, padded_rows, k0, cols, st, ld,
                        static_cast<acc_t*>(nullptr));
@@ -165,6 +166,7 @@ class QueryBlockAccumulator {
   const ScoreTransform transform_;
   const DropoutConfig dropout_;
   const int64_t value_dim_padded_;
+  const int64_t qt_ld_;  // Q^T rows: the B operand of S^T = K Q^T
   std::vector<acc_t> qt_, acc_, m_, l_, st_, factors_;
   // Per query: the block's max, exp offset, rescale factor, column sum.
   std::vector<acc_t> block_max_, offset_, rescale_, block_sum_;
@@ -346,7 +348,8 @@ void attention_weights_typed(const AttentionParams& p) {
 
   const int64_t items = p.batch * (heads / heads_per_item) * query_blocks;
   parallel_over_items(items, [&](const auto& claim) {
-    std::vector<acc_t> qt(head_dim * ld), pt(kBlockK * ld);
+    const int64_t qt_ld = query_panel_ld<acc_t>();
+    std::vector<acc_t> qt(head_dim * qt_ld), pt(kBlockK * ld);
     BlockStats<acc_t> stats;
     std::vector<acc_t> factors(dropout.enabled ? kBlockK * ld : 0);
     std::vector<acc_t> mean(average ? kBlockQ * key_len : 0);
@@ -359,7 +362,7 @@ void attention_weights_typed(const AttentionParams& p) {
       std::fill(mean.begin(), mean.end(), acc_t(0));
       for (int64_t h = first_head; h < first_head + heads_per_item; ++h) {
         pack_transposed(p.query.row<const scalar_t>(b, h, q0), p.query.stride_row, rows, head_dim,
-                        static_cast<acc_t>(p.scale), qt.data(), ld, padded_rows);
+                        static_cast<acc_t>(p.scale), qt.data(), qt_ld, padded_rows);
         stats.load(p, b, h, q0, rows, padded_rows);
         for (int64_t k0 = 0; k0 < key_len; k0 += kBlockK) {
           const int64_t cols = std::min(kBlockK, key_len - k0);

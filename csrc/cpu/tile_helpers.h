@@ -89,27 +89,45 @@ void pack_transposed(const scalar_t* src, int64_t src_row_stride, int64_t rows, 
   }
 }
 
-// Rows of an input as the B operand of block_matmul: the input itself when it already is a
-// dense float tensor of whole vectors, else a packed float copy in `buffer`. Rows far apart (the
-// per-head views of a packed projection) are copied too: a kernel reads the rows once per block
-// of the other sequence, and rows thousands of bytes apart share a few cache sets and evict each
-// other on every pass; one copy costs less than that.
 template <typename acc_t>
 struct RowsOperand {
   const acc_t* data;
   int64_t ld;
 };
 
+// A row stride for packed B operands of block_matmul: whole vectors, and not a multiple of two
+// cache lines. block_matmul reads one B row per step down a column of register tiles; rows 256
+// or 512 bytes apart (head dims 64 and 128 in float32) fall into 1/4 or 1/8 of the L1 sets, a
+// 128-row tile evicts itself and every B load comes from L2. One extra line per row spreads
+// them over every set (7-9% on forward + backward, AVX2, docs/performance.md).
+template <typename T>
+int64_t conflict_free_row_stride(int64_t cols) {
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  const int64_t ld = round_up(cols, vector_width<T>());
+  return ld % (2 * kLine) == 0 ? ld + kLine : ld;
+}
+
+// Row stride of the packed (scale Q)^T and dO^T panels of a query block: kBlockQ queries per row.
+template <typename acc_t>
+int64_t query_panel_ld() {
+  return conflict_free_row_stride<acc_t>(kBlockQ);
+}
+
+// Rows of an input as the B operand of block_matmul: a packed float copy in `buffer`, rows a
+// conflict-free stride apart, or, with in_place_if_dense, the input itself when it already is
+// a dense float tensor of whole vectors (for a tile that one product reads and drops, where
+// the copy costs about what the conflicts do). Rows far apart (the per-head views of a packed
+// projection) are always copied: they share a few cache sets and evict each other on every pass.
 template <typename scalar_t, typename acc_t>
 RowsOperand<acc_t> rows_operand(const scalar_t* src, int64_t src_row_stride, int64_t rows,
-                                int64_t cols, std::vector<acc_t>& buffer) {
-  constexpr int64_t kWidth = vector_width<acc_t>();
+                                int64_t cols, bool in_place_if_dense, std::vector<acc_t>& buffer) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (cols % kWidth == 0 && (rows <= 1 || src_row_stride == cols)) {
+    if (in_place_if_dense && cols % vector_width<acc_t>() == 0 &&
+        (rows <= 1 || src_row_stride == cols)) {
       return {src, src_row_stride};
     }
   }
-  const int64_t ld = round_up(cols, kWidth);
+  const int64_t ld = conflict_free_row_stride<acc_t>(cols);
   acc_t* packed = scratch(buffer, rows * ld);
   pack_rows(src, src_row_stride, rows, cols, acc_t(1), packed, ld);
   return {packed, ld};
@@ -328,7 +346,7 @@ struct BlockStats {
 // P^T for queries [q0, q0 + rows) of head h against keys [k0, k0 + cols), before dropout: the
 // tile exp((S^T - offset) - log_sum) with every score modifier, S^T = K (scale Q)^T. keys are the
 // key rows k0.. (any element type, rows key_stride apart); qt is the query block's packed
-// (scale Q)^T; offset and log_sum hold one value per (padded) query.
+// (scale Q)^T, rows query_panel_ld() apart; offset and log_sum hold one value per (padded) query.
 template <typename key_t, typename acc_t>
 void probability_tile(const AttentionParams& p, const ScoreTransform& transform,
                       const Sequence& seq, int64_t h, int64_t q0, int64_t rows, int64_t padded_rows,
@@ -337,8 +355,8 @@ void probability_tile(const AttentionParams& p, const ScoreTransform& transform,
                       acc_t* softcap_slope) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t ld = kBlockQ;
-  block_matmul<acc_t, key_t>(cols, padded_rows, p.head_dim, keys, key_stride, 1, qt, ld, pt, ld,
-                             /*accumulate=*/false);
+  block_matmul<acc_t, key_t>(cols, padded_rows, p.head_dim, keys, key_stride, 1, qt,
+                             query_panel_ld<acc_t>(), pt, ld, /*accumulate=*/false);
   transform.apply(seq, h, q0, rows, padded_rows, k0, cols, pt, ld, softcap_slope);
   for (int64_t i = 0; i < padded_rows; i += Vec::size()) {
     const Vec row_offset = Vec::loadu(offset + i);
