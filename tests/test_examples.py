@@ -163,7 +163,7 @@ def test_generate_hf_demo(tmp_path: str) -> None:
         assert figures["generate_tokens_per_s"][name] > 0
     # Same weights, same batches, float32, no dropout: the same function up to rounding.
     assert max(abs(a - b) for a, b in zip(losses["sdpa"], losses["torch_mha"])) < 1e-3
-    assert figures["losses_agree"] is True
+    assert figures["losses_agree"] is True and figures["steps_within_1e-5"] == steps
     tokens = figures["generated_tokens"]
     assert len(tokens["sdpa"][0]) == figures["args"]["new_tokens"]
     assert tokens["torch_mha"] == tokens["sdpa"] and figures["greedy_tokens_identical"] is True
