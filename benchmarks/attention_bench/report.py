@@ -59,6 +59,10 @@ METHOD = """\
 * **Variant groups** (window, gqa, varlen; issue 14) are fixed shapes timed as training steps
   like the core op; each table's note says what every contender runs, how its masks are built
   (once, outside the clock) and which FLOP count its GFLOP/s use.
+* **Serving groups** (decode, generate, prefill; issue 15) are inference calls (`eval()` +
+  `torch.no_grad()`) at fixed shapes; generate and prefill time whole transformers model calls
+  (the demo model of `examples/llama_demo.py`, the same weights under both backends) and are
+  not run under the memory profiler. Each table's note says what every contender runs.
 * **Skips.** A contender whose estimated memory (nn's L x S matrices: ~4.5 copies of N*H*L*S
   elements in training, ~3 in inference) exceeds `--memory-budget-gib` is skipped, with the
   reason printed and recorded."""
