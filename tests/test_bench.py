@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(ROOT, "benchmarks")
@@ -50,7 +51,7 @@ def test_bench_attention_smallest_run(tmp_path) -> None:
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Targets (issues #5 and #14)" in proc.stdout
+    assert "Targets (issues #5, #14 and #15)" in proc.stdout
     assert "Machine: " in proc.stdout
 
     # JSON: metadata, every group measured, medians and memory present, targets evaluated.
@@ -235,3 +236,196 @@ def test_variant_targets_at_the_issue_shapes(speedup, sdpa_speedup, expected) ->
         case["length"] //= 2
     targets = evaluate_targets({"cases": cases, "memory": [], "memory_scan_keys": []}, groups)
     assert {t["status"] for t in targets} == {"not measured"}
+
+
+SERVING_GROUPS = {"decode", "generate", "prefill"}
+SERVING_PAIRS = {
+    "decode": {"F.sdpa K/V repeated", "F.sdpa enable_gqa"},
+    "generate": {"sdpa backend"},
+    "prefill": {"sdpa backend"},
+}
+
+
+def _bench_modules():
+    sys.path.insert(0, BENCH_DIR)
+    try:
+        from attention_bench import cli, runner, serving, targets, workloads
+    finally:
+        sys.path.remove(BENCH_DIR)
+    return cli, runner, serving, targets, workloads
+
+
+def test_bench_attention_serving_groups_tiny(tmp_path) -> None:
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    out = tmp_path / "out"
+    results = tmp_path / "report" / "RESULTS.md"
+    args = [
+        "--serving",
+        "--decode-lengths", "64,96",
+        "--decode-batches", "1,2",
+        "--hf-model", "tiny",
+        "--generate-prompt", "12",
+        "--generate-tokens", "5",
+        "--generate-batch", "2",
+        "--prefill-lengths", "20,7,13",
+        "--dtypes", "float32",
+        "--threads", "1",
+        "--repeats", "1",
+        "--warmup", "0",
+        "--mm-size", "128",
+        "--no-progress",
+        "--out", str(out),
+        "--results", str(results),
+        "--plot", str(tmp_path / "report" / "results.png"),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for title in ("Decode step, ", "generate(), ", "Padded prefill, "):
+        assert title + "inference (eval, no_grad)" in proc.stdout, title
+    assert "generate(): tokens/s" in proc.stdout
+
+    data = json.loads((out / "bench_attention.json").read_text())
+    assert data["config"]["preset"] == "serving"
+    assert {c["group"] for c in data["cases"]} == SERVING_GROUPS
+    shapes = sorted((c["length"], c["batch"]) for c in data["cases"] if c["group"] == "decode")
+    assert shapes == [(64, 1), (64, 2), (96, 1), (96, 2)]
+    for case in data["cases"]:
+        assert case["mode"] == "infer"
+        options = dict(case["options"])
+        if case["group"] == "decode":
+            assert options == {"kv_heads": 8} and (case["heads"], case["head_dim"]) == (32, 128)
+            assert len(case["contenders"]) == 3
+        elif case["group"] == "generate":
+            assert options == {"model": "tiny", "new_tokens": 5}
+            assert (case["length"], case["batch"]) == (12, 2)
+        else:
+            assert options == {"model": "tiny", "seqlens": [20, 7, 13]}
+            assert (case["length"], case["batch"]) == (20, 3)
+        for result in case["contenders"].values():
+            assert result["rounds"] == 1 and set(result["phases"]) == {"infer"}
+            assert result["phases"]["infer"]["median_s"] > 0
+        assert set(case["speedups"]) == SERVING_PAIRS[case["group"]]
+    # Memory: the decode step's contenders only (whole-model calls are not profiled); the
+    # repeat_interleave anchor allocates the repeated K/V, torch_mha reads the cache in place.
+    assert {m["workload"]["group"] for m in data["memory"]} == {"decode"}
+    for m in data["memory"]:
+        assert "error" not in m, m
+        w = m["workload"]
+        repeated = 2 * w["batch"] * 32 * w["length"] * 128 * 4
+        if m["contender"] == "dec_sdpa_rep":
+            assert m["aten_peak_bytes"] >= repeated
+        elif m["contender"] == "dec_ours":
+            assert m["aten_peak_bytes"] < repeated / 4
+    # Only the serving targets; the tiny shapes are not the issue's.
+    assert len(data["targets"]) == 6
+    assert all("issue 15" in t["target"] for t in data["targets"])
+    assert {t["status"] for t in data["targets"]} == {"not measured"}
+    md = results.read_text()
+    assert "decode: cache lengths [64, 96], batches [1, 2]" in md
+    assert "### generate(): tokens/s" in md
+
+
+def test_decode_bench_contenders_compute_attention_over_the_cache() -> None:
+    """Each decode contender appends the new token and returns softmax attention of the one
+    query over the whole cache: checked against a dense float64 reference on K/V repeated."""
+    _, _, serving, _, workloads = _bench_modules()
+    w = workloads.Workload("decode", "float64", 32 * 16, 32, 40, 2, False, 1, (("kv_heads", 8),))
+    bench = serving.DecodeBench(w)
+    old_k = bench.k_cache.clone()
+    k = torch.cat([old_k[:, :, :-1], bench.k_new], 2).repeat_interleave(4, dim=1)
+    v = torch.cat([bench.v_cache[:, :, :-1], bench.v_new], 2).repeat_interleave(4, dim=1)
+    expected = (bench.q @ k.transpose(-1, -2) / 16**0.5).softmax(-1) @ v
+    for contender in w.contenders:
+        bench.k_cache.copy_(old_k)  # undo the previous contender's append
+        out, weights = bench.forward(contender)()
+        assert weights is None and out.shape == (2, 32, 1, 16)
+        torch.testing.assert_close(out, expected, msg=contender)
+        assert torch.equal(bench.k_cache[:, :, -1:], bench.k_new), contender
+        assert torch.equal(bench.k_cache[:, :, :-1], old_k[:, :, :-1]), contender
+
+
+def test_model_benches_run_the_same_model_with_both_backends() -> None:
+    """generate and prefill: the torch_mha and sdpa contenders hold the same weights; greedy
+    generate() gives the same tokens (new_tokens of them after the prompt) and the padded
+    prefill the same last-position logits."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    _, _, serving, _, workloads = _bench_modules()
+    options = (("model", "tiny"), ("new_tokens", 6))
+    w = workloads.Workload("generate", "float32", 64, 8, 10, 2, True, 1, options)
+    bench = serving.GenerateBench(w)
+    ours, theirs = (bench.forward(c)()[0] for c in ("gen_ours", "gen_sdpa"))
+    assert ours.shape == (2, 10 + 6) and torch.equal(ours[:, :10], bench.ids)
+    assert torch.equal(ours, theirs)
+    options = (("model", "tiny"), ("seqlens", (20, 7, 13)))
+    w = workloads.Workload("prefill", "float32", 64, 8, 20, 3, True, 1, options)
+    bench = serving.PrefillBench(w)
+    assert bench.mask.sum(1).tolist() == [20, 7, 13]
+    ours, theirs = (bench.forward(c)()[0] for c in ("pre_ours", "pre_sdpa"))
+    assert ours.shape == (3, 1, bench.vocab)
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=2e-5)
+
+
+def _serving_cases(decode: float, generate: float, prefill: float):
+    """Case records of the serving groups at the issue's shapes (the --serving defaults), as
+    the runner makes them from medians that make torch_mha `decode` times faster than the
+    repeat_interleave anchor (and than the enable_gqa reference), `generate` and `prefill`
+    times faster than the sdpa backend; read back from JSON."""
+    cli, runner, _, _, workloads = _bench_modules()
+    args = cli.parse_args(["--serving"])
+    speedups = {"decode": decode, "generate": generate, "prefill": prefill}
+    cases = []
+    for name in ("decode", "generate", "prefill"):
+        spec = workloads.GROUPS[name]
+        for dtype in ("float32", "bfloat16"):
+            for w in spec.plan(args, 2, dtype):
+                medians = {c: speedups[name] for c in spec.contenders}
+                medians[spec.pairs[0][1]] = 1.0
+                result = {c: {"phases": {"infer": {"median_s": t}}} for c, t in medians.items()}
+                cases.append(json.loads(json.dumps(runner.case_record(w, "infer", result, []))))
+    return cases, [workloads.GROUPS[g] for g in ("decode", "generate", "prefill")]
+
+
+def test_serving_plans_are_the_issue_shapes() -> None:
+    cases, _ = _serving_cases(1.0, 1.0, 1.0)
+    decode = [c for c in cases if c["group"] == "decode" and c["dtype"] == "float32"]
+    assert sorted((c["length"], c["batch"]) for c in decode) == [
+        (n, b) for n in (1024, 4096, 16384) for b in (1, 4)
+    ]
+    assert {(c["heads"], dict(c["options"])["kv_heads"], c["head_dim"]) for c in decode} == {
+        (32, 8, 128)
+    }
+    (prefill,) = [c for c in cases if c["group"] == "prefill" and c["dtype"] == "float32"]
+    assert dict(prefill["options"]) == {"model": "demo", "seqlens": [1024, 768, 512, 256]}
+    assert (prefill["length"], prefill["batch"]) == (1024, 4)
+
+
+@pytest.mark.parametrize(
+    "decode, generate, prefill, expected",
+    [
+        # decode >= 2x, generate >= 1.3x, prefill >= 1.2x
+        (2.5, 1.4, 1.25, ["PASS", "PASS", "PASS"]),
+        (1.9, 1.4, 1.25, ["MISS", "PASS", "PASS"]),
+        (2.0, 1.29, 1.19, ["PASS", "MISS", "MISS"]),
+    ],
+)
+def test_serving_targets_at_the_issue_shapes(decode, generate, prefill, expected) -> None:
+    _, _, _, targets, _ = _bench_modules()
+    cases, groups = _serving_cases(decode, generate, prefill)
+    found = targets.evaluate_targets({"cases": cases, "memory": [], "memory_scan_keys": []}, groups)
+    assert [t["status"] for t in found] == expected * 2  # float32, then bfloat16
+    # Every decode case (3 cache lengths x 2 batches) counts, the worst decides.
+    assert len(found[0]["cases"]) == 6 and found[0]["worst"] == pytest.approx(decode)
+    # One slow decode case is a MISS even when the others pass.
+    slow = next(c for c in cases if c["group"] == "decode" and c["length"] == 16384)
+    slow["speedups"]["F.sdpa K/V repeated"]["infer"] = 1.5
+    found = targets.evaluate_targets({"cases": cases, "memory": [], "memory_scan_keys": []}, groups)
+    assert found[0]["status"] == "MISS" and found[0]["worst"] == pytest.approx(1.5)
+    # Other shapes, another model or another thread count: not measured.
+    for case in cases:
+        case["options"] = [[k, "tiny" if k == "model" else v] for k, v in case["options"]]
+        if case["group"] == "decode":
+            case["threads"] = 1
+    found = targets.evaluate_targets({"cases": cases, "memory": [], "memory_scan_keys": []}, groups)
+    assert {t["status"] for t in found} == {"not measured"}

@@ -1,6 +1,7 @@
 """Runs every script in examples/ end to end with tiny settings, in subprocesses, and checks
 what it printed and wrote."""
 
+import importlib.util
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import warnings
 from typing import Dict, List, Optional
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,3 +142,37 @@ def test_train_ddp_example_with_torchrun() -> None:
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
     assert "parameters identical on all ranks: True" in stdout
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="transformers is not installed (examples/generate_hf.py needs it)",
+)
+def test_generate_hf_demo(tmp_path: str) -> None:
+    path = os.path.join(tmp_path, "figures.json")
+    stdout = run_example(["examples/generate_hf.py", "--short", "--threads=1", f"--json={path}"])
+    with open(path) as f:
+        figures = json.load(f)
+    steps = figures["args"]["steps"]
+    losses = figures["losses"]
+    for name in ("sdpa", "torch_mha"):
+        assert len(losses[name]) == steps and all(math.isfinite(v) for v in losses[name])
+        # A few steps of AdamW on the corpus: the loss falls from about log(vocab).
+        assert losses[name][-1] < losses[name][0] - 0.3, name
+        assert figures["train_tokens_per_s"][name] > 0
+        assert figures["generate_tokens_per_s"][name] > 0
+    # Same weights, same batches, float32, no dropout: the same function up to rounding.
+    assert max(abs(a - b) for a, b in zip(losses["sdpa"], losses["torch_mha"])) < 1e-3
+    assert figures["losses_agree"] is True and figures["steps_within_1e-5"] == steps
+    tokens = figures["generated_tokens"]
+    assert len(tokens["sdpa"][0]) == figures["args"]["new_tokens"]
+    assert tokens["torch_mha"] == tokens["sdpa"] and figures["greedy_tokens_identical"] is True
+    # What the run printed is what it wrote.
+    (train_speedup,) = numbers_after("training speed-up (tokens/s, torch_mha / sdpa):", stdout)
+    (gen_speedup,) = numbers_after("generation speed-up (tokens/s, torch_mha / sdpa):", stdout)
+    assert train_speedup > 0 and gen_speedup > 0
+    assert abs(train_speedup - figures["train_speedup"]) < 0.01
+    assert abs(gen_speedup - figures["generate_speedup"]) < 0.01
+    (loss_diff,) = numbers_after(f"max |sdpa - torch_mha| over {steps} steps", stdout)
+    assert loss_diff < 1e-3
+    assert "greedy tokens identical: True" in stdout

@@ -52,8 +52,23 @@ threads; the measurement of record is
 
 (like `--groups window,gqa,varlen --dtypes float32,bfloat16 --threads 2`); a run without a
 length-sweep group writes its JSON and RESULTS.md under benchmarks/out/variants/ unless --out or
---results say otherwise, never over benchmarks/RESULTS.md (the main run's). Not yet
-registered: one decode step with a KV cache vs SDPA. The plot stays with the length sweeps.
+--results say otherwise, never over benchmarks/RESULTS.md (the main run's). The plot stays
+with the length sweeps.
+
+The serving groups (issue 15) live in `serving.py`, inference at fixed shapes, 2 threads:
+
+* "decode": one decode step, H=32 on Hkv=8, D=128, cache 1024, 4096 and 16384 keys, batch 1
+  and 4: torch_mha.attention_with_kvcache vs the same in-place append followed by F.sdpa on
+  K/V repeat_interleave'd to 32 heads (>= 2x), and F.sdpa(enable_gqa=True) as a reference;
+* "generate": greedy generate() tokens/s of the demo Llama model of examples/llama_demo.py
+  (shared with examples/generate_hf.py), attn_implementation "torch_mha" vs "sdpa" (>= 1.3x);
+* "prefill": one forward of a left-padded batch (1024, 768, 512, 256 tokens) with its
+  attention_mask through the same model, "torch_mha" vs "sdpa" (>= 1.2x).
+
+`python benchmarks/bench_attention.py --serving` runs them (float32 and bfloat16) and writes
+under benchmarks/out/serving/; --decode-lengths, --decode-batches, --hf-model,
+--generate-prompt/-tokens/-batch and --prefill-lengths change the shapes (the tests pass tiny
+ones; the targets hold at the defaults only).
 """
 
 import os

@@ -68,6 +68,7 @@ PRESETS = {
         max_case_seconds=20.0,
         memory_lengths="1024,2048,4096,8192",
         memory_scan="ours",
+        mm_size=2048,
     ),
     "full": dict(
         dtypes="float32,bfloat16",
@@ -82,6 +83,7 @@ PRESETS = {
         max_case_seconds=90.0,
         memory_lengths="128-8192",
         memory_scan="all",
+        mm_size=2048,
     ),
     # The variants of issue 14 (window, gqa, varlen) at their fixed shapes: the sweep options
     # (head dims, lengths, causal) do not apply to them; no memory scan (no sweep group).
@@ -98,6 +100,25 @@ PRESETS = {
         max_case_seconds=150.0,
         memory_lengths="",
         memory_scan="none",
+        mm_size=2048,
+    ),
+    # The serving groups of issue 15 (decode, generate, prefill): inference at fixed shapes.
+    "serving": dict(
+        dtypes="float32,bfloat16",
+        head_dims="64",
+        lengths="1024",
+        causal="off",
+        threads="2",
+        modes="infer",
+        groups=_preset_groups("serving"),
+        repeats=5,
+        warmup=1,
+        max_case_seconds=120.0,
+        memory_lengths="",
+        memory_scan="none",
+        # No target of these groups reads the torch.mm ceiling, and a 2048 bfloat16 torch.mm
+        # takes about 20 s on a CPU without AVX512-BF16: a small one keeps the table cheap.
+        mm_size=256,
     ),
 }
 
@@ -107,8 +128,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults are --full's; --quick changes them to a subset, --variants to the "
-        "variant groups of issue 14. Explicit options override any preset. The variant groups "
-        "run on their own with, e.g., --groups window,gqa,varlen (or --variants).",
+        "variant groups of issue 14, --serving to the serving groups of issue 15. Explicit "
+        "options override any preset. The variant and serving groups run on their own with, "
+        "e.g., --groups window,gqa,varlen (or --variants), --groups decode,generate,prefill (or "
+        "--serving).",
     )
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="a subset: " + _preset_help("quick"))
@@ -123,6 +146,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         + "): dtypes float32,bfloat16, threads 2, training step, "
         f"{PRESETS['variants']['repeats']} repeats (window: 3), "
         f"{PRESETS['variants']['warmup']} warm-up, no memory scan",
+    )
+    preset.add_argument(
+        "--serving",
+        action="store_true",
+        help="the serving groups of issue 15 (groups "
+        + PRESETS["serving"]["groups"]
+        + "): dtypes float32,bfloat16, threads 2, inference, "
+        f"{PRESETS['serving']['repeats']} repeats, {PRESETS['serving']['warmup']} warm-up, "
+        "memory of the decode step only",
     )
     p.add_argument("--dtypes", help="comma list: float32,bfloat16")
     p.add_argument("--head-dims", help="comma list of head dims (8 heads each): 64,128")
@@ -159,6 +191,34 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default="64,128,256,512,768,1024,1536,2048",
         help="varlen: the packed sequences' lengths (default 64,128,256,512,768,1024,1536,2048)",
     )
+    serving = p.add_argument_group(
+        "serving groups (decode, generate, prefill)",
+        "their fixed shapes; the defaults are issue 15's, and its targets hold there only",
+    )
+    serving.add_argument(
+        "--decode-lengths",
+        default="1024,4096,16384",
+        help="decode: cache lengths S, keys after the append (default 1024,4096,16384)",
+    )
+    serving.add_argument("--decode-batches", default="1,4", help="decode: batches (default 1,4)")
+    serving.add_argument(
+        "--hf-model",
+        default="demo",
+        choices=("demo", "tiny"),
+        help="generate, prefill: the model of examples/llama_demo.py (default demo)",
+    )
+    serving.add_argument(
+        "--generate-prompt", type=int, default=512, help="generate: prompt tokens (512)"
+    )
+    serving.add_argument(
+        "--generate-tokens", type=int, default=128, help="generate: new tokens (128)"
+    )
+    serving.add_argument("--generate-batch", type=int, default=1, help="generate: batch (1)")
+    serving.add_argument(
+        "--prefill-lengths",
+        default="1024,768,512,256",
+        help="prefill: the padded batch's prompt lengths (default 1024,768,512,256)",
+    )
     p.add_argument(
         "--memory-budget-gib",
         type=float,
@@ -175,7 +235,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "ours (torch_mha only); none",
     )
     p.add_argument("--no-memory", action="store_true", help="skip all memory measurements")
-    p.add_argument("--mm-size", type=int, default=2048, help="torch.mm ceiling size (2048)")
+    p.add_argument("--mm-size", type=int, help="torch.mm ceiling size (2048; --serving: 256)")
     p.add_argument(
         "--out",
         help="JSON directory (default benchmarks/out; benchmarks/out/variants for a run without "
@@ -192,7 +252,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.memory_worker:
         return args
-    args.preset = "quick" if args.quick else "variants" if args.variants else "full"
+    args.preset = (
+        "quick"
+        if args.quick
+        else "variants"
+        if args.variants
+        else "serving"
+        if args.serving
+        else "full"
+    )
     preset_values = PRESETS[args.preset]
     for name, value in preset_values.items():
         if getattr(args, name) is None:
@@ -219,9 +287,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             names = list(GROUPS)
             p.error(f"unknown group {g!r}: {', '.join(names[:-1])} or {names[-1]}")
     sweep = any(GROUPS[g].sweep for g in args.groups)
+    # A run without a sweep group writes under out/serving (only serving groups) or
+    # out/variants, never over the main run's files.
+    serving = all("serving" in GROUPS[g].presets for g in args.groups)
     if args.out is None:
         args.out = (
-            os.path.join(BENCH_DIR, "out") if sweep else os.path.join(BENCH_DIR, "out", "variants")
+            os.path.join(BENCH_DIR, "out")
+            if sweep
+            else os.path.join(BENCH_DIR, "out", "serving" if serving else "variants")
         )
     if args.results is None:
         args.results = (
@@ -236,6 +309,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--window takes LEFT,RIGHT (-1: unbounded), e.g. 256,0")
     args.gqa_causal = parse_causal(args.gqa_causal)
     args.varlen_lengths = parse_list(args.varlen_lengths, int)
+    args.decode_lengths = parse_list(args.decode_lengths, int)
+    args.decode_batches = parse_list(args.decode_batches, int)
+    args.prefill_lengths = parse_list(args.prefill_lengths, int)
+    for name in ("decode_lengths", "decode_batches", "prefill_lengths"):
+        values = getattr(args, name)
+        if not values or min(values) <= 0:
+            p.error(f"--{name.replace('_', '-')} takes positive integers")
+    for name in ("generate_prompt", "generate_tokens", "generate_batch"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
     if args.no_memory:
         args.memory_scan = "none"
     return args

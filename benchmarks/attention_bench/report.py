@@ -59,6 +59,10 @@ METHOD = """\
 * **Variant groups** (window, gqa, varlen; issue 14) are fixed shapes timed as training steps
   like the core op; each table's note says what every contender runs, how its masks are built
   (once, outside the clock) and which FLOP count its GFLOP/s use.
+* **Serving groups** (decode, generate, prefill; issue 15) are inference calls (`eval()` +
+  `torch.no_grad()`) at fixed shapes; generate and prefill time whole transformers model calls
+  (the demo model of `examples/llama_demo.py`, the same weights under both backends) and are
+  not run under the memory profiler. Each table's note says what every contender runs.
 * **Skips.** A contender whose estimated memory (nn's L x S matrices: ~4.5 copies of N*H*L*S
   elements in training, ~3 in inference) exceeds `--memory-budget-gib` is skipped, with the
   reason printed and recorded."""
@@ -373,16 +377,46 @@ def sdpa_kernels_note(data: Dict[str, Any], spec: GroupSpec) -> str:
     return "F.sdpa kernels in this run (profiler, one call each): " + "; ".join(parts) + "."
 
 
+def generate_tables(data: Dict[str, Any], spec: GroupSpec) -> List[Table]:
+    """pair_tables, then the same calls as tokens/s (batch x new tokens / median)."""
+    tables = pair_tables(data, spec)
+    cases = _group_cases(data, spec)
+    if not cases:
+        return tables
+    t = Table(
+        f"{spec.title}: tokens/s (batch x new tokens / median), speed-up = torch_mha / sdpa",
+        ["dtype", "thr", "model", "prompt", "B", "new tokens"]
+        + [SHORT[c] for c in spec.contenders]
+        + ["speed-up"],
+    )
+    for c in cases:
+        options = dict(c.get("options", ()))
+        tokens = c["batch"] * int(options.get("new_tokens", 0))
+        rates = []
+        for contender in spec.contenders:
+            median = _median(c, contender, "infer")
+            rates.append("-" if median is None else f"{tokens / median:.1f}")
+        label = spec.pairs[0][2]
+        t.add(
+            [c["dtype"], c["threads"], options.get("model", "-"), c["length"], c["batch"]]
+            + [options.get("new_tokens", "-")]
+            + rates
+            + [_speedup(c, label, "infer")]
+        )
+    return tables + [t]
+
+
 # Groups with their own table layout; the others get pair_tables.
 GROUP_TABLES: Dict[str, TableBuilder] = {
     "layer": layer_tables,
     "core": core_tables,
     "small": small_tables,
+    "generate": generate_tables,
 }
 
 
 def targets_text(data: Dict[str, Any]) -> str:
-    lines = ["Targets (issues #5 and #14)", "---------------------------"]
+    lines = ["Targets (issues #5, #14 and #15)", "--------------------------------"]
     for tg in data["targets"]:
         lines.append(f"{tg['status']:>12}  {tg['target']} ({_fmt_threshold(tg)})")
         if tg["status"] != "not measured":
@@ -558,6 +592,11 @@ def config_line(cfg: Dict[str, Any]) -> str:
         "window": f"window: L={cfg.get('window_length')}, window_size={_tuple(cfg.get('window'))}",
         "gqa": f"gqa: L={cfg.get('gqa_length')}, causal {cfg.get('gqa_causal')}",
         "varlen": f"varlen: lengths {cfg.get('varlen_lengths')}, causal",
+        "decode": f"decode: cache lengths {cfg.get('decode_lengths')}, batches "
+        f"{cfg.get('decode_batches')}",
+        "generate": f"generate: model {cfg.get('hf_model')}, prompt {cfg.get('generate_prompt')}"
+        f", {cfg.get('generate_tokens')} new tokens, batch {cfg.get('generate_batch')}",
+        "prefill": f"prefill: model {cfg.get('hf_model')}, lengths {cfg.get('prefill_lengths')}",
     }
     parts += [shapes[spec.name] for spec in groups if spec.name in shapes]
     return "; ".join(parts) + "."

@@ -127,7 +127,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     for w in timed + small:
         for mode in modes_for(w, args):
             total_work += case_work(w, mode, w.contenders, rounds(w))
-            if w.threads == mem_threads:
+            if w.threads == mem_threads and w.spec.memory:
                 for c in w.contenders:
                     if w.estimate_bytes(c, mode) <= budget:
                         add_mem_item(w, c, mode)

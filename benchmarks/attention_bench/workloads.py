@@ -194,6 +194,9 @@ class GroupSpec:
     warm_modes: Tuple[str, ...] = ("train", "infer")
     note: str = ""  # printed under each of the group's tables (generic layout)
     max_repeats: Optional[int] = None  # at most this many measured rounds (a slow group)
+    # Whether the memory worker measures its calls (off for whole-model calls such as
+    # generate(), where the profiler's per-op bookkeeping costs more than the call).
+    memory: bool = True
 
     def repeats(self, cli: int) -> int:
         """The measured rounds per case, given --repeats."""
@@ -933,3 +936,7 @@ register(
         ),
     )
 )
+
+# The serving groups of issue 15 (decode, generate, prefill) live in serving.py; importing it
+# registers them after the groups above.
+from . import serving  # noqa: E402, F401
