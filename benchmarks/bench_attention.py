@@ -8,10 +8,14 @@ peak memory and the issue's targets:
   F.scaled_dot_product_attention, PyTorch's CPU flash kernel); same weights, batch_first=True;
 * the core: torch_mha.attention vs F.scaled_dot_product_attention on the same (N, H, L, D) tensors;
 * a small inference call (L=32, B=8, E=256, 8 heads) against nn's native fast path;
+* the variants of issue 14 at fixed shapes: a sliding window (vs full causal and vs SDPA with
+  the same mask), grouped-query heads (vs SDPA with enable_gqa=True and with K/V repeated) and
+  a packed varlen batch (vs the same batch padded with a key padding mask);
 * a large torch.mm as the machine's ceiling.
 
     python benchmarks/bench_attention.py --quick    # about a minute or two: a subset
-    python benchmarks/bench_attention.py --full     # everything (hours on 2 cores)
+    python benchmarks/bench_attention.py --full     # the length sweeps (hours on 2 cores)
+    python benchmarks/bench_attention.py --variants # window, gqa, varlen (about 20-30 min)
     python benchmarks/bench_attention.py --lengths 1024,2048 --dtypes bfloat16 --threads 2
 
 Outputs: a table on stdout, a JSON file with every sample and the metadata (--out), a PNG plot

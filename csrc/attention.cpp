@@ -37,26 +37,25 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> attention(
     const std::optional<at::Tensor>& alibi_slopes, double softcap,
     const std::optional<at::Tensor>& sinks) {
   check_window_size("torch_mha::attention", window_size);
-  auto [output, softmax_stats, weights] = attention_forward(
-      query, key, value, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
-      draw_dropout_seed(dropout_p, query), need_weights, average_weights, window_size[0],
-      window_size[1], alibi_slopes, softcap, sinks);
+  auto [output, softmax_stats, weights] =
+      attention_forward(query, key, value, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
+                        draw_dropout_seed(dropout_p, query), need_weights, average_weights,
+                        window_size[0], window_size[1], alibi_slopes, softcap, sinks);
   (void)softmax_stats;
   return {output, need_weights ? std::optional<at::Tensor>(weights) : std::nullopt};
 }
 
 at::Tensor varlen_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                            int64_t max_seqlen_q, int64_t max_seqlen_k,
-                            std::optional<double> scale, double dropout_p, bool is_causal,
-                            at::IntArrayRef window_size,
+                            int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> scale,
+                            double dropout_p, bool is_causal, at::IntArrayRef window_size,
                             const std::optional<at::Tensor>& alibi_slopes, double softcap,
                             const std::optional<at::Tensor>& sinks) {
   check_window_size("torch_mha::varlen_attention", window_size);
   auto [output, softmax_stats] = varlen_attention_forward(
       query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,
-      draw_dropout_seed(dropout_p, query), is_causal, window_size[0], window_size[1],
-      alibi_slopes, softcap, sinks);
+      draw_dropout_seed(dropout_p, query), is_causal, window_size[0], window_size[1], alibi_slopes,
+      softcap, sinks);
   (void)softmax_stats;
   return output;
 }

@@ -283,6 +283,9 @@ int64_t clamp_window(int64_t side, int64_t query_len, int64_t key_len) {
 }  // namespace
 
 const char* AttentionForwardArgs::op_name() const {
+  if (key_lengths.has_value()) {
+    return "torch_mha.attention_with_kvcache";
+  }
   return is_varlen() ? "torch_mha.varlen_attention_forward" : "torch_mha.attention_forward";
 }
 
@@ -488,6 +491,11 @@ AttentionParams make_forward_params(const AttentionForwardArgs& args,
   const std::optional<at::Tensor>& cu_q = offsets.query;
   const std::optional<at::Tensor>& cu_k = offsets.key;
   AttentionParams p;
+  if (args.key_lengths.has_value()) {
+    const at::Tensor key_lengths = args.key_lengths->contiguous();
+    keep_alive.push_back(key_lengths);
+    p.key_lengths = key_lengths.const_data_ptr<int32_t>();
+  }
   p.dtype = query.scalar_type();
   if (cu_q.has_value()) {
     p.batch = cu_q->size(0) - 1;

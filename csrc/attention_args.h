@@ -45,6 +45,9 @@ struct AttentionForwardArgs {
   std::optional<at::Tensor> cu_seqlens_k;
   int64_t max_seqlen_q = 0;
   int64_t max_seqlen_k = 0;
+  // Dense batch with a KV cache: int32 (batch) number of valid key rows per sequence
+  // (attention_with_kvcache fills it; no op takes it directly).
+  std::optional<at::Tensor> key_lengths;
 
   bool is_varlen() const { return cu_seqlens_q.has_value(); }
   const char* op_name() const;

@@ -63,6 +63,9 @@ struct AttentionParams {
   // Packed variable-length batch: int32 (batch + 1) prefix sums, or nullptr for dense tensors.
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
+  // Dense batch whose sequence b uses only the first key_lengths[b] key rows (a KV cache):
+  // int32 (batch), or nullptr.
+  const int32_t* key_lengths = nullptr;
 
   RowLayout query, key, value, output;
   // Per query row, in the accumulate type: the offset subtracted before exponentiating and
@@ -96,7 +99,10 @@ struct AttentionParams {
     return cu_seqlens_q == nullptr ? query_len : cu_seqlens_q[b + 1] - cu_seqlens_q[b];
   }
   C10_HOST_DEVICE int64_t key_len_of(int64_t b) const {
-    return cu_seqlens_k == nullptr ? key_len : cu_seqlens_k[b + 1] - cu_seqlens_k[b];
+    if (cu_seqlens_k != nullptr) {
+      return cu_seqlens_k[b + 1] - cu_seqlens_k[b];
+    }
+    return key_lengths == nullptr ? key_len : key_lengths[b];
   }
   // Query heads per key/value head.
   C10_HOST_DEVICE int64_t group_size() const { return kv_heads > 0 ? heads / kv_heads : 1; }

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "attention_args.h"
+#include "backend_selection.h"
 #include "torch_mha.h"
 
 namespace torch_mha {
@@ -51,6 +52,12 @@ TORCH_LIBRARY(torch_mha, m) {
       "Tensor grad_sinks)",
       {at::Tag::pt2_compliant_tag});
   m.def(
+      "attention_with_kvcache(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor cache_seqlens, Tensor? key=None, Tensor? value=None, float? scale=None, "
+      "int window_left=-1, int window_right=0, Tensor? alibi_slopes=None, float softcap=0.0, "
+      "Tensor? sinks=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
       "multi_head_attention(Tensor query, Tensor key, Tensor value, int embed_dim, "
       "int num_heads, Tensor? in_proj_weight, Tensor? in_proj_bias, Tensor? bias_k, "
       "Tensor? bias_v, bool add_zero_attn, float dropout_p, Tensor out_proj_weight, "
@@ -60,6 +67,13 @@ TORCH_LIBRARY(torch_mha, m) {
       "Tensor? static_v=None, bool average_attn_weights=True, bool is_causal=False, "
       "bool batch_first=False) -> (Tensor attn_output, Tensor attn_weights)",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_explain_cuda_backend(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor? key_padding_mask, bool is_causal, float dropout_p, bool need_weights, "
+      "int window_left, int window_right, Tensor? alibi_slopes, float softcap, Tensor? sinks, "
+      "bool backward, bool mask_grad, int device_major, int device_minor, bool deterministic, "
+      "str requested) -> (str backend, str[] candidates, str[] reasons)",
+      &explain_cuda_backend);
   m.def("_cuda_version() -> int", &cuda_version);
   m.def("_cpu_capability() -> str", &cpu_capability);
   m.def("_build_info() -> str", &build_info);
@@ -125,6 +139,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_back
                        .typed<decltype(varlen_attention_backward)>();
   return op.call(grad_output, query, key, value, output, softmax_stats, cu_seqlens_q, cu_seqlens_k,
                  max_seqlen_q, max_seqlen_k, scale, dropout_p, dropout_seed, is_causal, window_left,
+                 window_right, alibi_slopes, softcap, sinks);
+}
+
+at::Tensor attention_with_kvcache(const at::Tensor& query, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                  const std::optional<at::Tensor>& key,
+                                  const std::optional<at::Tensor>& value,
+                                  std::optional<double> scale, int64_t window_left,
+                                  int64_t window_right,
+                                  const std::optional<at::Tensor>& alibi_slopes, double softcap,
+                                  const std::optional<at::Tensor>& sinks) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mha::attention_with_kvcache", "")
+                       .typed<decltype(attention_with_kvcache)>();
+  return op.call(query, k_cache, v_cache, cache_seqlens, key, value, scale, window_left,
                  window_right, alibi_slopes, softcap, sinks);
 }
 

@@ -116,6 +116,22 @@ TORCH_MHA_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_
     int64_t window_right, const std::optional<at::Tensor>& alibi_slopes, double softcap,
     const std::optional<at::Tensor>& sinks);
 
+// Attention against a key/value cache, for decoding and chunked prefill (no autograd).
+//   query (N, H, L_new, D); k_cache, v_cache (N, Hkv, S_max, D / Dv); cache_seqlens int32 (N):
+//   valid entries per sequence before the call (not modified).
+//   key, value (N, Hkv, L_new, D / Dv), if given, are written in place at
+//   [cache_seqlens[b], cache_seqlens[b] + L_new) of each sequence's cache, after every check.
+// Sequence b's queries then attend to its first cache_seqlens[b] + L_new cached keys, the window
+// aligned to the bottom-right (the default (-1, 0): causal for a chunk, everything for one
+// token). Returns (N, H, L_new, Dv).
+TORCH_MHA_API at::Tensor attention_with_kvcache(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& key = std::nullopt,
+    const std::optional<at::Tensor>& value = std::nullopt,
+    std::optional<double> scale = std::nullopt, int64_t window_left = -1, int64_t window_right = 0,
+    const std::optional<at::Tensor>& alibi_slopes = std::nullopt, double softcap = 0.0,
+    const std::optional<at::Tensor>& sinks = std::nullopt);
+
 // The whole torch.nn.MultiheadAttention layer (projections, heads, masks, attention, output
 // projection), with the semantics of torch.nn.functional.multi_head_attention_forward plus
 // batch_first. Returns (attn_output, attn_weights); attn_weights is an empty tensor when

@@ -18,6 +18,9 @@ python -m pip install -q "$TORCH_SPEC" numpy pytest hypothesis ninja expecttest
 # matplotlib: the loss-curve PNG of examples/train_lm.py (tests/test_examples.py runs it) and
 # the plot of benchmarks/bench_attention.py (tests/test_bench.py runs it).
 python -m pip install -q matplotlib
+# transformers (pinned): the tests of the Hugging Face backend (torch_mha.hf) and the demo
+# examples/generate_hf.py. torch_mha itself never needs it.
+python -m pip install -q transformers==5.23.0
 # CMake builds the LibTorch package for the C++ tests; take it from PyPI if the machine has none.
 command -v cmake >/dev/null || python -m pip install -q cmake
 # Build against the torch installed above: no build isolation.

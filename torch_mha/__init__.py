@@ -10,12 +10,15 @@ from ._library import load_library as _load_library
 library_path: str = _load_library()
 
 from . import functional  # noqa: E402
+from .backends import BackendChoice, explain  # noqa: E402
 from .functional import (  # noqa: E402
     attention,
+    attention_with_kvcache,
     multi_head_attention_forward,
     varlen_attention,
 )
 from .modules import MultiheadAttention  # noqa: E402
+from .sdpa import scaled_dot_product_attention  # noqa: E402
 from .swap import (  # noqa: E402
     AttentionConfig,
     SwappedAttention,
@@ -36,15 +39,19 @@ def cuda_version() -> int:
 
 __all__ = [
     "AttentionConfig",
+    "BackendChoice",
     "MultiheadAttention",
     "SwapReport",
     "SwappedAttention",
     "attention",
+    "attention_with_kvcache",
     "cuda_version",
+    "explain",
     "functional",
     "library_path",
     "multi_head_attention_forward",
     "restore_attention",
+    "scaled_dot_product_attention",
     "swap_attention",
     "varlen_attention",
 ]

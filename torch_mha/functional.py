@@ -14,7 +14,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "multi_head_attention_forward", "varlen_attention"]
+__all__ = [
+    "attention",
+    "attention_with_kvcache",
+    "multi_head_attention_forward",
+    "varlen_attention",
+]
 
 
 def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
@@ -769,8 +774,82 @@ def varlen_attention(
     )
 
 
+def _attention_with_kvcache(
+    query: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    key: Optional[Tensor] = None,
+    value: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    window_size: Tuple[int, int] = (-1, 0),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
+) -> Tensor:
+    """attention_with_kvcache() as TorchScript compiles it (no keyword-only parameters)."""
+    left, right = _window_sides(window_size)
+    return torch.ops.torch_mha.attention_with_kvcache(
+        query,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        key,
+        value,
+        scale,
+        left,
+        right,
+        alibi_slopes,
+        softcap,
+        sinks,
+    )
+
+
+def attention_with_kvcache(
+    query: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    key: Optional[Tensor] = None,
+    value: Optional[Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    window_size: Tuple[int, int] = (-1, 0),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
+) -> Tensor:
+    """Attention against a key/value cache, for decoding and chunked prefill (inference).
+
+    query (N, H, L_new, D); k_cache, v_cache (N, Hkv, S_max, D / Dv); cache_seqlens int32 (N,):
+    the valid entries of each sequence before this call (not modified). If key and value
+    (N, Hkv, L_new, D / Dv) are given, they are written into the caches in place at
+    [cache_seqlens[b], cache_seqlens[b] + L_new), after every check has passed. Each query then
+    attends to the first cache_seqlens[b] + L_new keys of its sequence, with the window aligned
+    to the bottom-right of that sequence: the default (-1, 0) is causal for a prefill chunk and
+    full attention for one new token. Grouped-query heads, ALiBi, softcap and sinks as in
+    attention(). Returns (N, H, L_new, Dv). Not differentiable.
+    """
+    return _attention_with_kvcache(
+        query,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        key,
+        value,
+        scale,
+        window_size,
+        alibi_slopes,
+        softcap,
+        sinks,
+    )
+
+
 # TorchScript compiles the twins (torch.jit.script calls __prepare_scriptable__ on what it is
 # given, and so does recursive scripting of a function a module calls): same parameters and
 # results, minus the keyword-only marker it cannot compile.
 attention.__prepare_scriptable__ = lambda: _attention  # type: ignore[attr-defined]
 varlen_attention.__prepare_scriptable__ = lambda: _varlen_attention  # type: ignore[attr-defined]
+attention_with_kvcache.__prepare_scriptable__ = (  # type: ignore[attr-defined]
+    lambda: _attention_with_kvcache
+)

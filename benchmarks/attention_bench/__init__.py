@@ -29,11 +29,31 @@ evaluated and printed with the others) and a generic table per phase in the repo
 RESULTS.md. Parameters beyond the common fields (a window, a number of key/value heads, a cache
 length) go in `Workload.options`, which enters the case key and the JSON only when set.
 
-Core-op workloads planned next, each one registration with its own anchor, ratio and target:
-sliding-window attention (window (256, 0) at L=8192 vs full causal and vs SDPA with an explicit
-mask), grouped-query attention (H=32, Hkv=8 vs SDPA with enable_gqa), packed variable-length
-batches vs a padded batch with a key padding mask, and one decode step with a KV cache vs SDPA.
-They are fixed-shape groups (`sweep=False`, like "small"); the plot stays with the length sweeps.
+The variants of the core op (issue 14) are three such registrations, fixed-shape groups
+(`sweep=False`, like "small") timed as training steps (fwd, bwd, fwd+bwd), each with its targets
+at the issue's shape (`RatioTarget.where`; other shapes report "not measured"):
+
+* "window": torch_mha.attention(window_size=(256, 0)) at L=8192, B=1, H=8, D=64 vs the same
+  call fully causal (>= 10x) and vs F.scaled_dot_product_attention given the window as a bool
+  mask (>= 20x); at most 3 rounds (`max_repeats`: SDPA takes seconds there);
+* "gqa": H=32 query heads on Hkv=8 K/V heads, L=2048, D=128, not causal (and causal as a
+  second case) vs F.sdpa(enable_gqa=True), the anchor (on CPU it runs the flash kernel on the
+  8 K/V heads), and vs F.sdpa on K/V repeat_interleave'd in the call: >= 1.2x each;
+* "varlen": 8 causal sequences of 64, 128, 256, 512, 768, 1024, 1536 and 2048 tokens, H=8,
+  D=64, torch_mha.varlen_attention on the packed batch vs torch_mha.attention on the batch
+  padded to 2048 with a key_padding_mask (>= 2x), and F.sdpa on it with a bool mask (a
+  reference).
+
+Their shapes come from --window-length/--window, --gqa-length/--gqa-causal, --varlen-lengths
+(defaults: the issue's). The preset `--variants` runs the three at float32 and bfloat16 on 2
+threads; the measurement of record is
+
+    python benchmarks/bench_attention.py --variants
+
+(like `--groups window,gqa,varlen --dtypes float32,bfloat16 --threads 2`); a run without a
+length-sweep group writes its JSON and RESULTS.md under benchmarks/out/variants/ unless --out or
+--results say otherwise, never over benchmarks/RESULTS.md (the main run's). Not yet
+registered: one decode step with a KV cache vs SDPA. The plot stays with the length sweeps.
 """
 
 import os

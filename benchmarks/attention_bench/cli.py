@@ -12,6 +12,7 @@ import sys
 from typing import Any, Callable, List, Optional, Sequence
 
 from . import BENCH_DIR
+from .machine import machine_line
 from .memory import memory_worker
 from .plot import make_plot
 from .report import build_tables, targets_text, write_json, write_markdown
@@ -82,6 +83,22 @@ PRESETS = {
         memory_lengths="128-8192",
         memory_scan="all",
     ),
+    # The variants of issue 14 (window, gqa, varlen) at their fixed shapes: the sweep options
+    # (head dims, lengths, causal) do not apply to them; no memory scan (no sweep group).
+    "variants": dict(
+        dtypes="float32,bfloat16",
+        head_dims="64",
+        lengths="1024",
+        causal="off",
+        threads="2",
+        modes="train",
+        groups=_preset_groups("variants"),
+        repeats=5,
+        warmup=1,
+        max_case_seconds=150.0,
+        memory_lengths="",
+        memory_scan="none",
+    ),
 }
 
 
@@ -89,12 +106,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Defaults are --full's; --quick changes them to a subset. Explicit options "
-        "override either preset.",
+        epilog="Defaults are --full's; --quick changes them to a subset, --variants to the "
+        "variant groups of issue 14. Explicit options override any preset. The variant groups "
+        "run on their own with, e.g., --groups window,gqa,varlen (or --variants).",
     )
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="a subset: " + _preset_help("quick"))
-    preset.add_argument("--full", action="store_true", help="everything: " + _preset_help("full"))
+    preset.add_argument(
+        "--full", action="store_true", help="the length sweeps: " + _preset_help("full")
+    )
+    preset.add_argument(
+        "--variants",
+        action="store_true",
+        help="the fixed-shape variants of issue 14 (groups "
+        + PRESETS["variants"]["groups"]
+        + "): dtypes float32,bfloat16, threads 2, training step, "
+        f"{PRESETS['variants']['repeats']} repeats (window: 3), "
+        f"{PRESETS['variants']['warmup']} warm-up, no memory scan",
+    )
     p.add_argument("--dtypes", help="comma list: float32,bfloat16")
     p.add_argument("--head-dims", help="comma list of head dims (8 heads each): 64,128")
     p.add_argument("--lengths", help="comma list, or A-B for the powers of two in [A, B]")
@@ -111,6 +140,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--tokens", type=int, default=4096, help="batch x length (default 4096)")
     p.add_argument("--heads", type=int, default=8)
+    variants = p.add_argument_group(
+        "variant groups (window, gqa, varlen)",
+        "their fixed shapes; the defaults are issue 14's, and its targets hold there only",
+    )
+    variants.add_argument(
+        "--window-length", type=int, default=8192, help="window: L (default 8192)"
+    )
+    variants.add_argument(
+        "--window", default="256,0", help="window: window_size LEFT,RIGHT (default 256,0)"
+    )
+    variants.add_argument("--gqa-length", type=int, default=2048, help="gqa: L (default 2048)")
+    variants.add_argument(
+        "--gqa-causal", default="off,on", help="gqa: off, on, or off,on (default off,on)"
+    )
+    variants.add_argument(
+        "--varlen-lengths",
+        default="64,128,256,512,768,1024,1536,2048",
+        help="varlen: the packed sequences' lengths (default 64,128,256,512,768,1024,1536,2048)",
+    )
     p.add_argument(
         "--memory-budget-gib",
         type=float,
@@ -128,9 +176,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--no-memory", action="store_true", help="skip all memory measurements")
     p.add_argument("--mm-size", type=int, default=2048, help="torch.mm ceiling size (2048)")
-    p.add_argument("--out", default=os.path.join(BENCH_DIR, "out"), help="JSON directory")
     p.add_argument(
-        "--results", default=os.path.join(BENCH_DIR, "RESULTS.md"), help="Markdown report"
+        "--out",
+        help="JSON directory (default benchmarks/out; benchmarks/out/variants for a run without "
+        "a length-sweep group)",
+    )
+    p.add_argument(
+        "--results",
+        help="Markdown report (default benchmarks/RESULTS.md, the main run's; OUT/RESULTS.md for "
+        "a run without a length-sweep group, so it never replaces the main run's)",
     )
     p.add_argument("--plot", default=os.path.join(BENCH_DIR, "results.png"), help="PNG plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -138,8 +192,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.memory_worker:
         return args
-    preset_values = PRESETS["quick" if args.quick else "full"]
-    args.preset = "quick" if args.quick else "full"
+    args.preset = "quick" if args.quick else "variants" if args.variants else "full"
+    preset_values = PRESETS[args.preset]
     for name, value in preset_values.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -164,7 +218,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if g not in GROUPS:
             names = list(GROUPS)
             p.error(f"unknown group {g!r}: {', '.join(names[:-1])} or {names[-1]}")
+    sweep = any(GROUPS[g].sweep for g in args.groups)
+    if args.out is None:
+        args.out = (
+            os.path.join(BENCH_DIR, "out") if sweep else os.path.join(BENCH_DIR, "out", "variants")
+        )
+    if args.results is None:
+        args.results = (
+            os.path.join(BENCH_DIR, "RESULTS.md") if sweep else os.path.join(args.out, "RESULTS.md")
+        )
     args.memory_lengths = parse_list(args.memory_lengths, int)
+    try:
+        args.window = tuple(int(x) for x in args.window.split(","))
+    except ValueError:
+        args.window = ()
+    if len(args.window) != 2:
+        p.error("--window takes LEFT,RIGHT (-1: unbounded), e.g. 256,0")
+    args.gqa_causal = parse_causal(args.gqa_causal)
+    args.varlen_lengths = parse_list(args.varlen_lengths, int)
     if args.no_memory:
         args.memory_scan = "none"
     return args
@@ -186,6 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     data = run_benchmark(args)
     tables = build_tables(data)
+    print()
+    print(machine_line(data["metadata"]))
     print()
     print("\n\n".join(t.text() for t in tables))
     print()

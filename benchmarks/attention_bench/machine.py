@@ -1,7 +1,9 @@
 """What the benchmark runs on: CPU model and flags, torch build and ISA, torch_mha build, git.
 
-`metadata` collects it once per run (the JSON's "metadata"); `banner` is the first line printed
-and `metadata_lines` the "Machine and software" section of RESULTS.md.
+`metadata` collects it once per run (the JSON's "metadata"); `banner` is the first line printed,
+`machine_line` (CPU model, the ISA flags it has and lacks, the kernels each side dispatches to)
+heads the printed tables and RESULTS.md, and `metadata_lines` is RESULTS.md's "Machine and
+software" section.
 """
 
 import argparse
@@ -94,6 +96,8 @@ def metadata(args: argparse.Namespace) -> Dict[str, Any]:
         "git": git,
         "cpu_model": cpu_model,
         "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
+        # Recorded flags the CPU lacks (empty when /proc/cpuinfo could not be read).
+        "cpu_flags_absent": [f for f in INTERESTING_FLAGS if flags and f not in flags],
         "cpu_count": os.cpu_count(),
         "memory_total_gib": round(mem_total / GIB, 1) if mem_total else None,
         "default_threads": torch.get_num_threads(),
@@ -115,12 +119,32 @@ def _meminfo(field: str) -> int:
     raise KeyError(field)
 
 
+def cpu_flags_text(meta: Dict[str, Any]) -> str:
+    """The recorded ISA flags the CPU has, then those it lacks: "avx2 fma; no avx512f ..."."""
+    text = " ".join(meta["cpu_flags"]) or "none of " + " ".join(INTERESTING_FLAGS)
+    absent = meta.get("cpu_flags_absent")
+    if absent and meta["cpu_flags"]:
+        text += "; no " + " ".join(absent)
+    return text
+
+
 def banner(meta: Dict[str, Any], threads: List[int]) -> str:
-    """The first line printed: torch, torch_mha build and kernels, CPU model and count."""
+    """The first line printed: torch, torch_mha build and kernels, CPU model, flags, count."""
     return (
         f"torch {torch.__version__} | torch_mha {meta['torch_mha']['version']} "
         f"({meta['torch_mha']['build_info']}, kernels {meta['torch_mha']['cpu_capability']}) | "
-        f"{meta['cpu_model']} | {meta['cpu_count']} CPUs | threads {threads}"
+        f"{meta['cpu_model']} (flags {cpu_flags_text(meta)}) | {meta['cpu_count']} CPUs | "
+        f"threads {threads}"
+    )
+
+
+def machine_line(meta: Dict[str, Any]) -> str:
+    """One line naming the machine every table of the run was measured on."""
+    return (
+        f"Machine: {meta['cpu_model']}, {meta['cpu_count']} CPUs, ISA flags "
+        f"{cpu_flags_text(meta)}; torch CPU capability {meta['torch_config']['cpu_capability']}, "
+        f"torch_mha kernels {meta['torch_mha']['cpu_capability']}; threads "
+        f"{meta['threads_benchmarked']}"
     )
 
 
@@ -136,7 +160,7 @@ def metadata_lines(meta: Dict[str, Any]) -> List[str]:
         f"kernels {meta['torch_mha']['cpu_capability']}",
         f"git: {meta['git'].get('commit', '?')}"
         + (" (with local changes)" if meta["git"].get("dirty") else ""),
-        f"CPU: {meta['cpu_model']}; {meta['cpu_count']} CPUs; flags {' '.join(meta['cpu_flags'])}; "
+        f"CPU: {meta['cpu_model']}; {meta['cpu_count']} CPUs; flags {cpu_flags_text(meta)}; "
         f"memory {meta['memory_total_gib']} GiB",
         f"threads benchmarked: {meta['threads_benchmarked']} (torch default "
         f"{meta['default_threads']}); load average at start {_fmt_load(meta['loadavg_start'])}, "

@@ -5,8 +5,10 @@ runs `python bench_attention.py --memory-worker ITEMS.json` with small malloc th
 worker (`memory_worker`) builds each workload, runs one call per item under the profiler and
 prints one `RESULT {...}` line per item. An item that kills the worker is recorded as an error
 and the worker restarts past it. Per call: the ATen peak (torch.profiler, profile_memory=True)
-and the RSS growth (VmHWM after a reset through /proc/self/clear_refs, minus VmRSS before).
-`scan_workloads` plans the batch-1 memory scan over the lengths of --memory-lengths.
+and the RSS growth (VmHWM after a reset through /proc/self/clear_refs, minus VmRSS before), and
+which SDPA kernels ran (the tables of the variant groups name them).
+`scan_workloads` plans the batch-1 memory scan over the lengths of --memory-lengths, for the
+groups of --groups that have one.
 """
 
 import argparse
@@ -102,6 +104,9 @@ def profile_call(fn: Callable[[], Any]) -> Dict[str, Any]:
         "rss_growth_bytes": int(rss_peak - rss_before) if can_reset else None,
         "native_fast_path": any("_native_multi_head_attention" in n for n in names),
         "flash_sdpa": any("flash_attention" in n for n in names),
+        # The ATen kernels F.scaled_dot_product_attention dispatched to (forward and backward),
+        # e.g. aten::_scaled_dot_product_flash_attention_for_cpu or ..._attention_math.
+        "sdpa_kernels": sorted(n for n in names if "::_scaled_dot_product" in n),
     }
 
 
@@ -202,7 +207,7 @@ def scan_workloads(args: argparse.Namespace) -> List[Workload]:
     threads = max(args.threads)
     out = []
     for spec in GROUPS.values():
-        if spec.scan is None:
+        if spec.scan is None or spec.name not in args.groups:
             continue
         for length in args.memory_lengths:
             out.append(

@@ -46,6 +46,8 @@ def make_plot(data: Dict[str, Any], path: str) -> Optional[str]:
             for c in data["cases"]
         )
     ]
+    if not panels and not data["memory_scan_keys"]:
+        return "no length-sweep group and no memory scan in this run: no plot"
     n_panels = len(panels) + 2
     cols = 4
     rows = max(1, math.ceil(n_panels / cols))

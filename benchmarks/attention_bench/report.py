@@ -12,7 +12,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import MIB, REPO_ROOT
-from .machine import metadata_lines
+from .machine import machine_line, metadata_lines
 from .targets import ceiling_gflops
 from .workloads import GROUPS, LABELS, PHASE_NAMES, SHORT, SMALL, GroupSpec
 
@@ -56,6 +56,9 @@ METHOD = """\
   order). The memory scan runs the training step at batch 1 for each length, float32, head dim
   64, not causal, so linear memory doubles and quadratic memory quadruples from one length to
   the next.
+* **Variant groups** (window, gqa, varlen; issue 14) are fixed shapes timed as training steps
+  like the core op; each table's note says what every contender runs, how its masks are built
+  (once, outside the clock) and which FLOP count its GFLOP/s use.
 * **Skips.** A contender whose estimated memory (nn's L x S matrices: ~4.5 copies of N*H*L*S
   elements in training, ~3 in inference) exceeds `--memory-budget-gib` is skipped, with the
   reason printed and recorded."""
@@ -310,38 +313,64 @@ def small_tables(data: Dict[str, Any], spec: GroupSpec) -> List[Table]:
 
 
 def pair_tables(data: Dict[str, Any], spec: GroupSpec) -> List[Table]:
-    """The generic layout of a group without its own: per mode and phase, the config, each
-    pair's anchor and torch_mha medians and speed-up, and torch_mha's GFLOP/s."""
+    """The generic layout of a group without its own: per mode and phase, the config (heads
+    and head dim included, and the options), each contender's median, each pair's speed-up and
+    torch_mha's GFLOP/s; the group's note (and the SDPA kernels the profiler saw) under the
+    first table's title."""
     cases = _group_cases(data, spec)
     with_options = any(c.get("options") for c in cases)
     ours = list(dict.fromkeys(o for _, o, _ in spec.pairs))
+    note = " ".join(p for p in (spec.note, sdpa_kernels_note(data, spec)) if p)
     tables = []
     for mode in spec.modes:
         rows = [c for c in cases if c["mode"] == mode]
         if not rows:
             continue
         for phase in TABLE_PHASES[mode]:
-            columns = CONFIG_COLS + (["options"] if with_options else [])
-            for anchor, o, label in spec.pairs:
-                columns += [SHORT[anchor], SHORT[o], f"speed-up ({label})"]
+            columns = ["dtype", "H"] + CONFIG_COLS[1:] + (["options"] if with_options else [])
+            columns += [SHORT[c] for c in spec.contenders]
+            columns += [f"{SHORT[a]} / {SHORT[o]}" for a, o, _ in spec.pairs]
             columns += [f"GFLOP/s {SHORT[o]}" for o in ours]
             t = Table(
                 f"{spec.title}, {PHASE_NAMES[phase]}: median ms, speed-up = anchor / torch_mha",
                 columns,
+                "" if tables else note,  # under the group's first table
             )
             for c in rows:
                 cells = _config_cells(c)
+                cells.insert(1, c["heads"])
                 if with_options:
-                    cells.append(" ".join(f"{k}={v}" for k, v in c.get("options", ())) or "-")
-                for anchor, o, label in spec.pairs:
-                    cells += [
-                        _skip_or(c, anchor, phase),
-                        _skip_or(c, o, phase),
-                        _speedup(c, label, phase),
-                    ]
+                    cells.append(
+                        " ".join(
+                            f"{k}={str(_tuple(v)).replace(' ', '')}"
+                            for k, v in c.get("options", ())
+                        )
+                        or "-"
+                    )
+                cells += [_skip_or(c, contender, phase) for contender in spec.contenders]
+                cells += [_speedup(c, label, phase) for _, _, label in spec.pairs]
                 t.add(cells + [_gflops(c, o, phase) for o in ours])
             tables.append(t)
     return tables
+
+
+def _tuple(value: Any) -> Any:
+    """A list read back from JSON as the tuple it was written from (for display)."""
+    return tuple(_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def sdpa_kernels_note(data: Dict[str, Any], spec: GroupSpec) -> str:
+    """The SDPA kernels each contender ran, as the memory worker's profiler saw them in its one
+    call per contender; empty without memory measurements."""
+    seen: Dict[str, List[str]] = {}
+    for m in data["memory"]:
+        if m["workload"]["group"] == spec.name and m.get("sdpa_kernels"):
+            names = seen.setdefault(m["contender"], [])
+            names += [n for n in m["sdpa_kernels"] if n not in names]
+    if not seen:
+        return ""
+    parts = [f"{SHORT[c]}: {', '.join(names)}" for c, names in seen.items()]
+    return "F.sdpa kernels in this run (profiler, one call each): " + "; ".join(parts) + "."
 
 
 # Groups with their own table layout; the others get pair_tables.
@@ -353,7 +382,7 @@ GROUP_TABLES: Dict[str, TableBuilder] = {
 
 
 def targets_text(data: Dict[str, Any]) -> str:
-    lines = ["Targets (issue #5)", "------------------"]
+    lines = ["Targets (issues #5 and #14)", "---------------------------"]
     for tg in data["targets"]:
         lines.append(f"{tg['status']:>12}  {tg['target']} ({_fmt_threshold(tg)})")
         if tg["status"] != "not measured":
@@ -509,6 +538,31 @@ def _display_path(path: str) -> str:
     return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
 
 
+def config_line(cfg: Dict[str, Any]) -> str:
+    """The run's configuration: the length sweep's only when a sweep group ran, the variant
+    groups' shapes when they ran."""
+    groups = [GROUPS[g] for g in cfg["groups"] if g in GROUPS]
+    parts = [
+        f"Preset `{cfg.get('preset')}`: groups {cfg['groups']}, dtypes {cfg['dtypes']}, threads "
+        f"{cfg['threads']}, {cfg['repeats']} repeats after {cfg['warmup']} warm-up round(s), "
+        f"memory budget {cfg['memory_budget_gib']:g} GiB"
+    ]
+    if any(spec.sweep for spec in groups):
+        parts.append(
+            f"length sweep: head dims {cfg['head_dims']} ({cfg['heads']} heads), lengths "
+            f"{cfg['lengths']} at batch x length = {cfg['tokens']} tokens (batch >= 1), causal "
+            f"{cfg['causal']}, modes {cfg['modes']}, memory scan `{cfg['memory_scan']}` at "
+            f"{cfg['memory_lengths']}"
+        )
+    shapes = {
+        "window": f"window: L={cfg.get('window_length')}, window_size={_tuple(cfg.get('window'))}",
+        "gqa": f"gqa: L={cfg.get('gqa_length')}, causal {cfg.get('gqa_causal')}",
+        "varlen": f"varlen: lengths {cfg.get('varlen_lengths')}, causal",
+    }
+    parts += [shapes[spec.name] for spec in groups if spec.name in shapes]
+    return "; ".join(parts) + "."
+
+
 def write_markdown(
     data: Dict[str, Any], tables: List[Table], path: str, plot: Optional[str]
 ) -> None:
@@ -523,12 +577,9 @@ def write_markdown(
         meta["command"],
         "```",
         "",
-        f"Preset `{cfg.get('preset')}`: dtypes {cfg['dtypes']}, head dims {cfg['head_dims']} "
-        f"({cfg['heads']} heads), lengths {cfg['lengths']} at batch x length = {cfg['tokens']} "
-        f"tokens (batch >= 1), causal {cfg['causal']}, threads {cfg['threads']}, modes "
-        f"{cfg['modes']}, {cfg['repeats']} repeats after {cfg['warmup']} warm-up round(s), "
-        f"memory budget {cfg['memory_budget_gib']:g} GiB, memory scan `{cfg['memory_scan']}` at "
-        f"{cfg['memory_lengths']}.",
+        machine_line(meta) + ".",
+        "",
+        config_line(cfg),
         "",
         "Timings come from a machine that may have been shared with other jobs: compare the "
         "ratios of contenders measured in the same round, not absolute times across runs.",

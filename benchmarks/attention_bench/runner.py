@@ -95,7 +95,10 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     timed, small = plan_workloads(args)
     scan = scan_workloads(args)
     budget = args.memory_budget_gib * GIB
-    rounds = args.warmup + args.repeats
+
+    def rounds(w: Workload) -> int:
+        return args.warmup + w.spec.repeats(args.repeats)
+
     mm_work = est_seconds(2.0 * args.mm_size**3 * 10, 10) * len(args.threads) * len(args.dtypes)
 
     # Memory items: (workload, contender, mode), measured later in the worker.
@@ -123,7 +126,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     total_work = 2 * mm_work
     for w in timed + small:
         for mode in modes_for(w, args):
-            total_work += case_work(w, mode, w.contenders, rounds)
+            total_work += case_work(w, mode, w.contenders, rounds(w))
             if w.threads == mem_threads:
                 for c in w.contenders:
                     if w.estimate_bytes(c, mode) <= budget:
@@ -150,7 +153,8 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     progress = Progress(total_work, enabled=not args.no_progress)
     print(banner(meta, args.threads), flush=True)
     print(
-        f"{len(timed)} timed workloads, {len(small)} small, {len(scan)} memory-scan lengths "
+        f"{len(timed)} length-sweep workloads, {len(small)} fixed-shape, {len(scan)} memory-scan "
+        f"lengths "
         f"x groups; {args.repeats} repeats, {args.warmup} warm-up; memory budget "
         f"{args.memory_budget_gib:g} GiB",
         flush=True,
@@ -181,20 +185,21 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                     progress.note(f"skip {w.label()} {mode} {LABELS[c]}: {reason}")
                 else:
                     contenders.append(c)
-            work = case_work(w, mode, w.contenders, rounds)
+            work = case_work(w, mode, w.contenders, rounds(w))
             progress.set_label(f"{w.label()} {mode}")
             if bench is None:
                 bench = build(w)
             use_threads(w.threads)
             fns = {c: bench.callables(c, mode) for c in contenders}
-            step = work / max(rounds, 1)
+            step = work / max(rounds(w), 1)
             advanced = [0.0]
 
             def on_round() -> None:
                 advanced[0] += step
                 progress.advance(step)
 
-            raw = time_case(fns, args.warmup, args.repeats, args.max_case_seconds, 0.02, on_round)
+            repeats = w.spec.repeats(args.repeats)
+            raw = time_case(fns, args.warmup, repeats, args.max_case_seconds, 0.02, on_round)
             progress.advance(max(work - advanced[0], 0.0))
             result = {c: summarize(raw[c], mode) for c in contenders}
             cases.append(case_record(w, mode, result, skipped))
@@ -243,7 +248,9 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         "memory_scan_keys": [w.key() for w in scan],
         "skipped": skipped,
     }
-    data["targets"] = evaluate_targets(data, GROUPS.values())
+    data["targets"] = evaluate_targets(
+        data, [spec for spec in GROUPS.values() if spec.name in args.groups]
+    )
     return data
 
 

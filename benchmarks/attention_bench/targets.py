@@ -4,18 +4,21 @@ A group declares its targets in its registration (workloads.py) with the rules h
 
 * `RatioTarget`: every matching case's speed-up (anchor time / torch_mha time) of one pair in
   one phase must reach the threshold; the verdict is on the worst case, the geometric mean is
-  reported too;
+  reported too. A case matches by length range and thread count, and optionally by causal and
+  by exact values of case fields or `Workload.options` (`where`, e.g. a fixed-shape group's
+  target holds at the issue's shape only, so a run at other shapes reports "not measured");
 * `CeilingTarget`: torch_mha's GFLOP/s in a phase, as a fraction of torch.mm's at the same dtype
   and thread count (the ceiling measured in the same run), must reach the threshold.
 
-`evaluate_targets` checks every registered group's targets for float32 and for bfloat16 (with a
-"bfloat16: " prefix), in registration order, then the linear-memory target of the memory scan.
+`evaluate_targets` checks the targets of the run's groups (--groups) for float32 and for
+bfloat16 (with a "bfloat16: " prefix), in registration order, then the linear-memory target of
+the memory scan.
 A target no case matches is "not measured".
 """
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:
     from .workloads import GroupSpec
@@ -27,7 +30,8 @@ MEMORY_RATIO = 2.5  # successive-length peak ratio of the memory scan: linear 2,
 @dataclass(frozen=True)
 class RatioTarget:
     """Speed-up of `pair` (its label) in `phase` >= threshold at lengths in [lo, hi], at
-    `threads` threads (None: any)."""
+    `threads` threads (None: any); only cases with `causal` (None: either) whose fields or
+    options have the values in `where` ((name, value) pairs; none: every case)."""
 
     name: str
     phase: str
@@ -35,6 +39,29 @@ class RatioTarget:
     threshold: float
     lengths: Tuple[int, int] = (1024, 4096)
     threads: Optional[int] = 2
+    causal: Optional[bool] = None
+    where: Tuple[Tuple[str, Any], ...] = ()
+
+
+_MISSING = object()
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (as read back from JSON) as tuples, recursively, for comparisons."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def case_matches(case: Mapping[str, Any], where: Iterable[Tuple[str, Any]]) -> bool:
+    """Whether each (name, value) of `where` is a field of the case record or one of its
+    `options` with that value."""
+    options = {k: v for k, v in case.get("options", ())}
+    for name, value in where:
+        have = case[name] if name in case else options.get(name, _MISSING)
+        if _frozen(have) != _frozen(value):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -57,30 +84,27 @@ def ceiling_gflops(data: Dict[str, Any], dtype: str, threads: int) -> Optional[f
 
 
 def _ratio_target(
-    data: Dict[str, Any],
-    name: str,
-    group: str,
-    phase: str,
-    pair: str,
-    threshold: float,
-    dtype: str,
-    lengths: Tuple[int, int],
-    threads: Optional[int] = 2,
+    data: Dict[str, Any], name: str, group: str, target: RatioTarget, dtype: str
 ) -> Dict[str, Any]:
+    phase = target.phase
     mode = "infer" if phase == "infer" else "train"
     rows = []
     for case in data["cases"]:
         if case["group"] != group or case["mode"] != mode or case["dtype"] != dtype:
             continue
-        if threads is not None and case["threads"] != threads:
+        if target.threads is not None and case["threads"] != target.threads:
             continue
-        if not lengths[0] <= case["length"] <= lengths[1]:
+        if not target.lengths[0] <= case["length"] <= target.lengths[1]:
             continue
-        s = case["speedups"].get(pair)
+        if target.causal is not None and case["causal"] != target.causal:
+            continue
+        if not case_matches(case, target.where):
+            continue
+        s = case["speedups"].get(target.pair)
         if s is None or phase not in s:
             continue
         rows.append((s[phase], case))
-    return _verdict(name, threshold, rows, "x")
+    return _verdict(name, target.threshold, rows, "x")
 
 
 def _ceiling_target(
@@ -134,7 +158,8 @@ def _verdict(
 
 
 def evaluate_targets(data: Dict[str, Any], groups: Iterable["GroupSpec"]) -> List[Dict[str, Any]]:
-    """Every group's targets per dtype, then the memory target; `data` is the run's dict."""
+    """The targets of `groups` (those of the run) per dtype, then the memory target when one
+    of them has a memory scan; `data` is the run's dict."""
     groups = list(groups)
     targets = []
     for dtype in TARGET_DTYPES:
@@ -144,21 +169,10 @@ def evaluate_targets(data: Dict[str, Any], groups: Iterable["GroupSpec"]) -> Lis
                 if isinstance(tg, CeilingTarget):
                     targets.append(_ceiling_target(data, prefix + tg.name, spec.name, tg, dtype))
                 else:
-                    targets.append(
-                        _ratio_target(
-                            data,
-                            prefix + tg.name,
-                            spec.name,
-                            tg.phase,
-                            tg.pair,
-                            tg.threshold,
-                            dtype,
-                            tg.lengths,
-                            threads=tg.threads,
-                        )
-                    )
+                    targets.append(_ratio_target(data, prefix + tg.name, spec.name, tg, dtype))
     series = [(spec.name, spec.scan["ours"][0]) for spec in groups if spec.scan is not None]
-    targets.append(memory_target(data, series))
+    if series:
+        targets.append(memory_target(data, series))
     return targets
 
 

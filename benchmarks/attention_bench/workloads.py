@@ -17,7 +17,14 @@ the end of this file. Its spec holds everything the rest of the suite needs to k
 * `targets`: its performance targets (`targets.RatioTarget`: a pair's speed-up in a phase);
 * optional: `estimate_bytes` (for the --memory-budget-gib skip rule), `flops` (GFLOP/s and the
   ETA), `projections` (layer-level work for the ETA), `memory_table` (a peak-memory table in
-  the report), `scan` (contenders of the batch-1 memory scan), `presets`, `cli_help`.
+  the report), `scan` (contenders of the batch-1 memory scan), `presets`, `cli_help`, `note`
+  (printed under the group's tables), `max_repeats` (a cap on --repeats for a slow group).
+
+The variant groups (issue 14) are fixed-shape: "window" (a causal sliding window vs full causal
+and vs SDPA with the same mask), "gqa" (grouped-query heads vs SDPA with enable_gqa=True and
+with K/V repeated) and "varlen" (a packed batch vs the same batch padded with a key padding
+mask). Their shapes come from --window-length/--window, --gqa-length/--gqa-causal and
+--varlen-lengths (defaults: the issue's shapes; the tests pass tiny ones).
 
 See the package docstring (attention_bench/__init__.py) for the workloads planned next.
 """
@@ -185,6 +192,12 @@ class GroupSpec:
     scan: Optional[Mapping[str, Tuple[str, ...]]] = None
     # Modes the memory worker's warm-up calls run in (one tiny call each).
     warm_modes: Tuple[str, ...] = ("train", "infer")
+    note: str = ""  # printed under each of the group's tables (generic layout)
+    max_repeats: Optional[int] = None  # at most this many measured rounds (a slow group)
+
+    def repeats(self, cli: int) -> int:
+        """The measured rounds per case, given --repeats."""
+        return cli if self.max_repeats is None else min(cli, self.max_repeats)
 
     def timed_modes(self, cli: Sequence[str]) -> List[str]:
         """The modes this group's workloads run in, given --modes."""
@@ -339,6 +352,189 @@ class CoreBench:
         return mode_callables(None, [q, k, v], forward, self.grad_out, mode)
 
 
+# The variant groups (issue 14). Each builds its inputs and masks once, outside the clock.
+
+WINDOW = dict(length=8192, window=(256, 0), heads=8, head_dim=64, batch=1)
+GQA = dict(length=2048, heads=32, kv_heads=8, head_dim=128, batch=1)
+VARLEN = dict(seqlens=(64, 128, 256, 512, 768, 1024, 1536, 2048), heads=8, head_dim=64)
+
+
+def window_bounds(i: int, length: int, keys: int, window: Tuple[int, int]) -> Tuple[int, int]:
+    """The keys [lo, hi] query i sees under torch_mha's window_size=(left, right) (-1: open):
+    i + S - L - left <= j <= i + S - L + right."""
+    left, right = window
+    shift = i + keys - length
+    lo = max(0, shift - left) if left >= 0 else 0
+    hi = min(keys - 1, shift + right) if right >= 0 else keys - 1
+    return lo, hi
+
+
+def window_area(length: int, keys: int, window: Tuple[int, int]) -> int:
+    """The number of visible (query, key) pairs of the window."""
+    total = 0
+    for i in range(length):
+        lo, hi = window_bounds(i, length, keys, window)
+        total += max(0, hi - lo + 1)
+    return total
+
+
+def window_sdpa_mask(length: int, keys: int, window: Tuple[int, int]) -> Tensor:
+    """The window as an (L, S) bool mask in SDPA's polarity: True = take part."""
+    left, right = window
+    i = torch.arange(length).unsqueeze(1) + (keys - length)
+    j = torch.arange(keys).unsqueeze(0)
+    mask = torch.ones(length, keys, dtype=torch.bool)
+    if left >= 0:
+        mask &= j >= i - left
+    if right >= 0:
+        mask &= j <= i + right
+    return mask
+
+
+class WindowBench:
+    """A causal sliding window: torch_mha.attention with window_size, the same call fully
+    causal, and F.sdpa with the window as an explicit bool mask, on the same (N, H, L, D)."""
+
+    def __init__(self, w: Workload) -> None:
+        torch.manual_seed(0)
+        dtype = DTYPES[w.dtype]
+        shape = (w.batch, w.heads, w.length, w.head_dim)
+        self.q, self.k, self.v = (
+            torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3)
+        )
+        self.grad_out = torch.randn(shape, dtype=dtype)
+        self.window: Tuple[int, int] = tuple(w.option("window", WINDOW["window"]))  # type: ignore
+        self.mask = window_sdpa_mask(w.length, w.length, self.window)
+
+    def callables(self, contender: str, mode: str) -> Tuple[Setup, Fn]:
+        q, k, v, window, mask = self.q, self.k, self.v, self.window, self.mask
+        if contender == "win_ours":
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                return torch_mha.attention(q, k, v, window_size=window)
+
+        elif contender == "win_causal":
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                return torch_mha.attention(q, k, v, is_causal=True)
+
+        else:  # win_sdpa
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+
+        return mode_callables(None, [q, k, v], forward, self.grad_out, mode)
+
+
+class GQABench:
+    """Grouped-query attention: q (N, H, L, D), k/v (N, Hkv, L, D). torch_mha reads the shared
+    K/V heads in place; F.sdpa runs with enable_gqa=True, and on K/V repeat_interleave'd to H
+    heads inside the timed call (so the backward sums the repeated gradients back), as a model
+    without enable_gqa does."""
+
+    def __init__(self, w: Workload) -> None:
+        torch.manual_seed(0)
+        dtype = DTYPES[w.dtype]
+        kv_heads = int(w.option("kv_heads", GQA["kv_heads"]))
+        self.q = torch.randn(w.batch, w.heads, w.length, w.head_dim, dtype=dtype)
+        self.k, self.v = (
+            torch.randn(w.batch, kv_heads, w.length, w.head_dim, dtype=dtype) for _ in range(2)
+        )
+        for t in (self.q, self.k, self.v):
+            t.requires_grad_()
+        self.grad_out = torch.randn(w.batch, w.heads, w.length, w.head_dim, dtype=dtype)
+        self.repeat = w.heads // kv_heads
+        self.causal = w.causal
+
+    def callables(self, contender: str, mode: str) -> Tuple[Setup, Fn]:
+        q, k, v, causal, rep = self.q, self.k, self.v, self.causal, self.repeat
+        if contender == "gqa_ours":
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                return torch_mha.attention(q, k, v, is_causal=causal)
+
+        elif contender == "gqa_sdpa":
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+                return out, None
+
+        else:  # gqa_sdpa_rep
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                kr, vr = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+                return F.scaled_dot_product_attention(q, kr, vr, is_causal=causal), None
+
+        return mode_callables(None, [q, k, v], forward, self.grad_out, mode)
+
+
+def varlen_seqlens(w: Workload) -> List[int]:
+    """The sequence lengths of a varlen workload: its `seqlens` option, cut to w.length and
+    w.batch (the memory worker's tiny warm-up call shrinks those two)."""
+    lengths = w.option("seqlens", VARLEN["seqlens"])
+    return [min(int(n), w.length) for n in lengths][: w.batch]
+
+
+class VarlenBench:
+    """A packed batch of sequences (torch_mha.varlen_attention on (total, H, D), cu_seqlens)
+    against the same batch padded to the longest length: torch_mha.attention with a
+    key_padding_mask (True = padding) and F.sdpa with the equivalent bool mask, both on
+    (B, H, L, D). Causal when the workload is. The padded tensors hold the packed values
+    (zeros in the padding) and are the leaves; the padded grad_out is zero on padding rows."""
+
+    def __init__(self, w: Workload) -> None:
+        torch.manual_seed(0)
+        dtype = DTYPES[w.dtype]
+        lengths = varlen_seqlens(w)
+        total, longest, batch = sum(lengths), max(lengths), len(lengths)
+        starts = [sum(lengths[:b]) for b in range(batch)]
+        self.cu = torch.tensor(starts + [total], dtype=torch.int32)
+        self.max_len = longest
+        self.causal = w.causal
+        packed = [torch.randn(total, w.heads, w.head_dim, dtype=dtype) for _ in range(4)]
+        padded = [torch.zeros(batch, w.heads, longest, w.head_dim, dtype=dtype) for _ in range(4)]
+        for src, dst in zip(packed, padded):
+            for b, (start, n) in enumerate(zip(starts, lengths)):
+                dst[b, :, :n] = src[start : start + n].transpose(0, 1)
+        self.packed = [t.requires_grad_() for t in packed[:3]]
+        self.grad_packed = packed[3]
+        self.padded = [t.requires_grad_() for t in padded[:3]]
+        self.grad_padded = padded[3]
+        position = torch.arange(longest)
+        # nn's polarity for torch_mha (True = padding), SDPA's for F.sdpa (True = take part).
+        self.key_padding_mask = position.unsqueeze(0) >= torch.tensor(lengths).unsqueeze(1)
+        keep = ~self.key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+        if self.causal:
+            keep = keep & (position.unsqueeze(0) <= position.unsqueeze(1))  # (B, 1, L, S)
+        self.sdpa_mask = keep.expand(batch, 1, longest, longest).contiguous()
+
+    def callables(self, contender: str, mode: str) -> Tuple[Setup, Fn]:
+        causal = self.causal
+        if contender == "vl_packed":
+            q, k, v = self.packed
+            cu, n = self.cu, self.max_len
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                out = torch_mha.varlen_attention(q, k, v, cu, cu, n, n, is_causal=causal)
+                return out, None
+
+            return mode_callables(None, [q, k, v], forward, self.grad_packed, mode)
+        q, k, v = self.padded
+        if contender == "vl_padded":
+            kpm = self.key_padding_mask
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                return torch_mha.attention(q, k, v, key_padding_mask=kpm, is_causal=causal)
+
+        else:  # vl_sdpa
+            mask = self.sdpa_mask
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+
+        return mode_callables(None, [q, k, v], forward, self.grad_padded, mode)
+
+
 # --------------------------------------------------------------------------------------------
 # Planners
 
@@ -371,6 +567,72 @@ def plan_small(args: argparse.Namespace, threads: int, dtype: str) -> List[Workl
     return [
         Workload("small", dtype, s["embed"], s["heads"], s["length"], s["batch"], False, threads)
     ]
+
+
+def plan_window(args: argparse.Namespace, threads: int, dtype: str) -> List[Workload]:
+    """One case: --window-length (8192), --window (256,0), batch 1, 8 heads of 64."""
+    length = getattr(args, "window_length", None) or WINDOW["length"]
+    window = tuple(getattr(args, "window", None) or WINDOW["window"])
+    h, d = WINDOW["heads"], WINDOW["head_dim"]
+    causal = window[1] == 0  # (left, 0): a causal sliding window
+    return [
+        Workload(
+            "window", dtype, h * d, h, length, WINDOW["batch"], causal, threads,
+            (("window", window),),
+        )
+    ]  # fmt: skip
+
+
+def plan_gqa(args: argparse.Namespace, threads: int, dtype: str) -> List[Workload]:
+    """--gqa-length (2048) at 32 query heads, 8 key/value heads, D=128, batch 1, per
+    --gqa-causal value (off, then on)."""
+    length = getattr(args, "gqa_length", None) or GQA["length"]
+    h, d = GQA["heads"], GQA["head_dim"]
+    return [
+        Workload(
+            "gqa", dtype, h * d, h, length, GQA["batch"], causal, threads,
+            (("kv_heads", GQA["kv_heads"]),),
+        )
+        for causal in getattr(args, "gqa_causal", None) or [False]
+    ]  # fmt: skip
+
+
+def plan_varlen(args: argparse.Namespace, threads: int, dtype: str) -> List[Workload]:
+    """One causal batch of the --varlen-lengths sequences (8, 64 to 2048), 8 heads of 64; the
+    workload's length is the padded length (the longest) and its batch the number of them."""
+    lengths = tuple(getattr(args, "varlen_lengths", None) or VARLEN["seqlens"])
+    h, d = VARLEN["heads"], VARLEN["head_dim"]
+    return [
+        Workload(
+            "varlen", dtype, h * d, h, max(lengths), len(lengths), True, threads,
+            (("seqlens", lengths),),
+        )
+    ]  # fmt: skip
+
+
+def window_flops(w: Workload) -> float:
+    """4*N*H*D per visible (query, key) pair of the window: the window problem's work (the full
+    causal and SDPA contenders compute more; their GFLOP/s in the JSON are on this count)."""
+    window = tuple(w.option("window", WINDOW["window"]))
+    return 4.0 * w.batch * w.heads * w.head_dim * window_area(w.length, w.length, window)
+
+
+def varlen_flops(w: Workload) -> float:
+    """4*H*D*sum(L_b^2) over the real sequences, halved when causal: the packed batch's work
+    (the padded contenders compute more; their GFLOP/s in the JSON are on this count)."""
+    flops = 4.0 * w.heads * w.head_dim * sum(n * n for n in varlen_seqlens(w))
+    return flops / 2 if w.causal else flops
+
+
+def variant_estimate_bytes(w: Workload, contender: str, mode: str) -> float:
+    """Rough memory need of one call of a variant group's contender: inputs, outputs and
+    gradients, plus an SDPA mask's float copy (and its bool source) per (L, S) per batch."""
+    item = DTYPES[w.dtype].itemsize
+    linear = 12.0 * w.batch * w.length * w.embed * max(item, 4)
+    if contender in ("win_sdpa", "vl_sdpa"):
+        batch = w.batch if contender == "vl_sdpa" else 1
+        return linear + 2.0 * batch * w.length * w.length * (item + 1)
+    return linear
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,6 +746,189 @@ register(
                 1.0,
                 lengths=(0, 1 << 30),
                 threads=None,
+            ),
+        ),
+    )
+)
+
+# --- The variants of the core op (issue 14): fixed shapes, training step, targets at 2 threads
+# at the issue's shapes only (a run at other shapes, like the tests' tiny ones, reports "not
+# measured"). `python benchmarks/bench_attention.py --variants` runs the three of them.
+
+WINDOW_SHAPE = (("heads", WINDOW["heads"]), ("head_dim", WINDOW["head_dim"]), ("batch", 1))
+WINDOW_TARGET = "window (256, 0) at L=8192, B=1, H=8, D=64, training step (fwd+bwd), 2 threads, "
+
+# A causal sliding window: torch_mha.attention(window_size=(256, 0)) against the same call over
+# all keys (is_causal=True) and against F.sdpa given the window as an explicit bool mask.
+register(
+    GroupSpec(
+        name="window",
+        title="Sliding window",
+        contenders=("win_ours", "win_causal", "win_sdpa"),
+        labels={
+            "win_ours": "torch_mha.attention, window_size",
+            "win_causal": "torch_mha.attention, is_causal=True (full causal)",
+            "win_sdpa": "F.scaled_dot_product_attention, the window as a bool attn_mask",
+        },
+        short={"win_ours": "window", "win_causal": "full causal", "win_sdpa": "SDPA+mask"},
+        pairs=(
+            ("win_causal", "win_ours", "full causal"),
+            ("win_sdpa", "win_ours", "F.sdpa + mask"),
+        ),
+        bench=WindowBench,
+        plan=plan_window,
+        modes=("train",),
+        cli_modes=False,
+        cli_help="window (sliding window (256, 0) at L=8192 vs full causal and vs F.sdpa with "
+        "the same mask; --window-length, --window)",
+        presets=("variants",),
+        flops=window_flops,
+        estimate_bytes=variant_estimate_bytes,
+        memory_table=True,
+        warm_modes=("train",),
+        max_repeats=3,  # F.sdpa with a mask at L=8192 takes seconds (bfloat16: about a minute)
+        note=(
+            "torch_mha's window_size=(left, right): query i sees keys i-left .. i+right (S = L), "
+            "so (256, 0) is a causal window of 257 keys; its hidden tiles are skipped. causal = "
+            "the same call with is_causal=True over all keys. SDPA+mask = F.sdpa with the window "
+            "as an (L, S) bool attn_mask (True = take part) built once outside the clock (SDPA "
+            "turns it into an additive mask inside each call). GFLOP/s: 4*N*H*D per visible "
+            "(query, key) pair of the window, for torch_mha's window call. At most 3 rounds."
+        ),
+        targets=(
+            RatioTarget(
+                WINDOW_TARGET + "vs full causal torch_mha (issue 14)",
+                "fwdbwd",
+                "full causal",
+                10.0,
+                lengths=(8192, 8192),
+                where=(("window", (256, 0)),) + WINDOW_SHAPE,
+            ),
+            RatioTarget(
+                WINDOW_TARGET + "vs F.sdpa with the same mask (issue 14)",
+                "fwdbwd",
+                "F.sdpa + mask",
+                20.0,
+                lengths=(8192, 8192),
+                where=(("window", (256, 0)),) + WINDOW_SHAPE,
+            ),
+        ),
+    )
+)
+
+GQA_SHAPE = (("heads", 32), ("kv_heads", 8), ("head_dim", 128), ("batch", 1))
+GQA_TARGET = "GQA H=32, Hkv=8, L=2048, D=128, not causal, training step (fwd+bwd), 2 threads, "
+
+# Grouped-query attention: torch_mha.attention on 8 shared K/V heads against F.sdpa with
+# enable_gqa=True (the issue's anchor) and with K/V repeated to 32 heads in the timed call.
+register(
+    GroupSpec(
+        name="gqa",
+        title="Grouped-query attention",
+        contenders=("gqa_ours", "gqa_sdpa", "gqa_sdpa_rep"),
+        labels={
+            "gqa_ours": "torch_mha.attention, K/V heads shared (not repeated)",
+            "gqa_sdpa": "F.scaled_dot_product_attention, enable_gqa=True",
+            "gqa_sdpa_rep": "F.scaled_dot_product_attention, K/V repeat_interleave'd to H heads",
+        },
+        short={"gqa_ours": "ours", "gqa_sdpa": "SDPA gqa", "gqa_sdpa_rep": "SDPA rep"},
+        pairs=(
+            ("gqa_sdpa", "gqa_ours", "F.sdpa enable_gqa"),
+            ("gqa_sdpa_rep", "gqa_ours", "F.sdpa K/V repeated"),
+        ),
+        bench=GQABench,
+        plan=plan_gqa,
+        modes=("train",),
+        cli_modes=False,
+        cli_help="gqa (H=32, Hkv=8, L=2048, D=128 vs F.sdpa enable_gqa=True and with K/V "
+        "repeated; --gqa-length, --gqa-causal)",
+        presets=("variants",),
+        estimate_bytes=variant_estimate_bytes,
+        memory_table=True,
+        warm_modes=("train",),
+        note=(
+            "q (1, 32, L, 128), k/v (1, 8, L, 128). SDPA gqa = F.sdpa(enable_gqa=True): on CPU "
+            "(torch 2.13) it runs the flash kernel, aten::_scaled_dot_product_flash_attention_"
+            "for_cpu and its backward, on the 8 K/V heads as given (no repeat_interleave; dK/dV "
+            "come out with 8 heads), not the math path. SDPA rep = F.sdpa on K/V "
+            "repeat_interleave'd to 32 heads inside the timed call (its backward sums them "
+            "back), the same flash kernel on 32 heads. The issue's anchor is enable_gqa=True; "
+            "ours >= 1.2x the faster of the two SDPA calls = both targets pass. GFLOP/s: "
+            "4*N*H*L*S*D, halved when causal."
+        ),
+        targets=(
+            RatioTarget(
+                GQA_TARGET + "vs F.sdpa enable_gqa=True (issue 14's anchor)",
+                "fwdbwd",
+                "F.sdpa enable_gqa",
+                1.2,
+                lengths=(2048, 2048),
+                causal=False,
+                where=GQA_SHAPE,
+            ),
+            RatioTarget(
+                GQA_TARGET + "vs F.sdpa with K/V repeated (issue 14; with the one above: "
+                ">= 1.2x the faster SDPA)",
+                "fwdbwd",
+                "F.sdpa K/V repeated",
+                1.2,
+                lengths=(2048, 2048),
+                causal=False,
+                where=GQA_SHAPE,
+            ),
+        ),
+    )
+)
+
+# Packed variable-length batches: torch_mha.varlen_attention against the same batch padded to the
+# longest sequence with a key padding mask (torch_mha.attention; F.sdpa as a reference).
+register(
+    GroupSpec(
+        name="varlen",
+        title="Packed varlen batch",
+        contenders=("vl_packed", "vl_padded", "vl_sdpa"),
+        labels={
+            "vl_packed": "torch_mha.varlen_attention, packed",
+            "vl_padded": "torch_mha.attention, padded, key_padding_mask",
+            "vl_sdpa": "F.scaled_dot_product_attention, padded, bool attn_mask",
+        },
+        short={"vl_packed": "packed", "vl_padded": "padded", "vl_sdpa": "SDPA pad"},
+        pairs=(
+            ("vl_padded", "vl_packed", "padded + key_padding_mask"),
+            ("vl_sdpa", "vl_packed", "F.sdpa padded"),
+        ),
+        bench=VarlenBench,
+        plan=plan_varlen,
+        modes=("train",),
+        cli_modes=False,
+        cli_help="varlen (8 causal sequences of 64 to 2048 packed vs padded with a key padding "
+        "mask; --varlen-lengths)",
+        presets=("variants",),
+        flops=varlen_flops,
+        estimate_bytes=variant_estimate_bytes,
+        memory_table=True,
+        warm_modes=("train",),
+        note=(
+            "B sequences (lengths in `seqlens`), 8 heads, D=64, causal (as in LM training). "
+            "packed = torch_mha.varlen_attention on (total, H, D) with int32 cu_seqlens. padded "
+            "= torch_mha.attention on the batch padded to L = the longest, (B, H, L, D), with "
+            "key_padding_mask (True = padding) and is_causal=True; its time is the whole padded "
+            "batch's. SDPA pad = F.sdpa on the padded batch with the equivalent (B, 1, L, S) bool "
+            "mask (a reference, no target). The padded tensors are the leaves; grad_out is zero "
+            "on padding rows. GFLOP/s: 4*H*D*sum(L_b^2), halved (causal): the packed batch's "
+            "work, for the packed call."
+        ),
+        targets=(
+            RatioTarget(
+                "varlen: 8 causal sequences of 64-2048 packed, H=8, D=64, training step "
+                "(fwd+bwd), 2 threads, vs the padded batch with key_padding_mask, torch_mha "
+                "(issue 14)",
+                "fwdbwd",
+                "padded + key_padding_mask",
+                2.0,
+                lengths=(2048, 2048),
+                causal=True,
+                where=(("seqlens", VARLEN["seqlens"]), ("heads", 8), ("head_dim", 64)),
             ),
         ),
     )

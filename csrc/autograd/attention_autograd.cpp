@@ -1,6 +1,7 @@
 // Autograd for the core attention ops (dense and varlen), in C++ so that a TorchScript model
 // loaded by a C++ program (no Python anywhere) still trains.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "attention_args.h"
@@ -196,6 +197,13 @@ BackwardResult attention_backward_autograd(const AttentionBackwardArgs& args) {
 
 TORCH_LIBRARY_IMPL(torch_mha, Autograd, m) {
   register_core_attention_kernels<&attention_forward_autograd, &attention_backward_autograd>(m);
+  // Decoding with a cache is inference: a call whose inputs require grad gets a clear error
+  // when its gradient is asked for.
+  m.impl("attention_with_kvcache", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(torch_mha, ADInplaceOrView, m) {
+  m.impl("attention_with_kvcache", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
 }
 
 }  // namespace torch_mha::autograd

@@ -9,6 +9,7 @@
 
 #include "attention_args.h"
 #include "cpu/attention_kernels.h"
+#include "kvcache.h"
 #include "torch_mha.h"
 
 namespace torch_mha {
@@ -153,6 +154,7 @@ int64_t backward_dq_row_stride(int64_t head_dim) {
 
 TORCH_LIBRARY_IMPL(torch_mha, CPU, m) {
   register_core_attention_kernels<&attention_forward_cpu, &attention_backward_cpu>(m);
+  register_kvcache_kernel<&attention_with_kvcache_on<&attention_forward_cpu>>(m);
 }
 
 }  // namespace cpu

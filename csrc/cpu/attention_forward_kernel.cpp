@@ -5,8 +5,10 @@
 // queries). For each block of keys the item may see: S^T = K (scale Q)^T, the score modifiers
 // and masks (ScoreTransform), online softmax per query (running max m and sum l), O += P V.
 // The query heads of a grouped-query group share each key and value tile while it is in cache.
-// Memory is O(L): the L x S probabilities are only written when the caller asks for the
-// attention weights.
+// A problem of one query block with too few such items (decoding with a KV cache, short
+// prefills) also splits its keys and combines the ranges through their log-sum-exp, so that one
+// token with a small batch x heads still uses every core. Memory is O(L): the L x S
+// probabilities are only written when the caller asks for the attention weights.
 #ifndef CPU_CAPABILITY
 #error "attention_forward_kernel.cpp is compiled once per ISA with -DCPU_CAPABILITY=<ISA>"
 #endif
@@ -22,129 +24,296 @@ namespace {
 // (32 KiB each at head_dim 128), and four of them plus the key/value tiles fit in a 512 KiB L2.
 constexpr int64_t kMaxHeadsPerItem = 4;
 
+// Below this many (batch, key/value head, head chunk, query block) work items, a problem of one
+// query block (decoding, short prefills) also splits its keys into ranges processed in parallel
+// and combined through their log-sum-exp (flash-decoding). A constant, not the thread count:
+// the split, and so the summation order, depends on the problem alone.
+constexpr int64_t kSplitTargetItems = 64;
+constexpr int64_t kMinKeyBlocksPerSplit = 2;
+
+// How the query heads of a key/value group are dealt out to work items.
+struct HeadChunks {
+  int64_t group;
+  int64_t heads_per_item;
+  int64_t count;
+
+  explicit HeadChunks(const AttentionParams& p)
+      : group(p.group_size()),
+        heads_per_item(std::min(group, kMaxHeadsPerItem)),
+        count(heads_per_item > 0 ? (group + heads_per_item - 1) / heads_per_item : 0) {}
+
+  int64_t first_head(int64_t kv_head, int64_t chunk) const {
+    return kv_head * group + chunk * heads_per_item;
+  }
+  int64_t heads_in(int64_t kv_head, int64_t chunk) const {
+    return std::min(heads_per_item, (kv_head + 1) * group - first_head(kv_head, chunk));
+  }
+};
+
+// The online softmax of one query block, for the query heads of one work item, against a
+// stream of key blocks: (scale Q)^T per head, the output accumulator and the running max and
+// sum per query. Per-thread buffers, reused from item to item.
 template <typename scalar_t>
-void attention_forward_typed(const AttentionParams& p) {
+class QueryBlockAccumulator {
+ public:
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t kWidth = Vec::size();
-  constexpr int64_t ld = kBlockQ;  // leading dimension of every transposed tile
-  const int64_t head_dim = p.head_dim, value_dim = p.value_dim;
-  const int64_t value_dim_padded = round_up(value_dim, kWidth);
-  const int64_t query_blocks = (p.query_len + kBlockQ - 1) / kBlockQ;
-  const int64_t group = p.group_size();
-  const int64_t heads_per_item = std::min(group, kMaxHeadsPerItem);
-  const int64_t head_chunks =
-      heads_per_item > 0 ? (group + heads_per_item - 1) / heads_per_item : 0;
-  const int64_t items = p.batch * p.kv_heads * head_chunks * query_blocks;
-  const ScoreTransform transform{p};
-  const DropoutConfig dropout(p);
-  const acc_t scale = static_cast<acc_t>(p.scale);
+  static constexpr int64_t kWidth = Vec::size();
+  static constexpr int64_t ld = kBlockQ;  // leading dimension of every transposed tile
+
+  QueryBlockAccumulator(const AttentionParams& p, int64_t heads_per_item)
+      : p_(p),
+        transform_{p},
+        dropout_(p),
+        value_dim_padded_(round_up(p.value_dim, kWidth)),
+        qt_(heads_per_item * p.head_dim * ld),
+        acc_(heads_per_item * kBlockQ * value_dim_padded_),
+        m_(heads_per_item * ld),
+        l_(heads_per_item * ld),
+        st_(kBlockK * ld),
+        factors_(dropout_.enabled ? kBlockK * ld : 0),
+        block_max_(ld),
+        offset_(ld),
+        rescale_(ld),
+        block_sum_(ld) {}
+
+  // Packs the query heads [first_head, first_head + heads) of the block and clears the state.
+  void start(const Sequence& seq, const QueryBlock& block, int64_t first_head, int64_t heads) {
+    seq_ = &seq;
+    block_ = &block;
+    first_head_ = first_head;
+    heads_ = heads;
+    for (int64_t g = 0; g < heads; ++g) {
+      pack_transposed(p_.query.row<const scalar_t>(seq.batch, first_head + g, block.q0),
+                      p_.query.stride_row, block.rows, p_.head_dim, static_cast<acc_t>(p_.scale),
+                      qt_.data() + g * p_.head_dim * ld, ld, block.padded_rows);
+    }
+    std::fill(acc_.begin(), acc_.end(), acc_t(0));
+    std::fill(m_.begin(), m_.end(), negative_infinity<acc_t>());
+    std::fill(l_.begin(), l_.end(), acc_t(0));
+  }
+
+  // Folds keys [k0, k0 + cols) of key/value head kv_head into every head's state.
+  void add_keys(int64_t kv_head, int64_t k0, int64_t cols) {
+    const int64_t b = seq_->batch, q0 = block_->q0, rows = block_->rows,
+                  padded_rows = block_->padded_rows;
+    const scalar_t* keys = p_.key.row<const scalar_t>(b, kv_head, k0);
+    const RowsOperand<acc_t> values =
+        rows_operand(p_.value.row<const scalar_t>(b, kv_head, k0), p_.value.stride_row, cols,
+                     p_.value_dim, v_buffer_);
+    acc_t* st = st_.data();
+    for (int64_t g = 0; g < heads_; ++g) {
+      const int64_t h = first_head_ + g;
+      acc_t* head_acc = acc_.data() + g * kBlockQ * value_dim_padded_;
+      acc_t* head_m = m_.data() + g * ld;
+      acc_t* head_l = l_.data() + g * ld;
+      block_matmul<acc_t, scalar_t>(cols, padded_rows, p_.head_dim, keys, p_.key.stride_row, 1,
+                                    qt_.data() + g * p_.head_dim * ld, ld, st, ld,
+                                    /*accumulate=*/false);
+      transform_.apply(*seq_, h, q0, rows, padded_rows, k0, cols, st, ld,
+                       static_cast<acc_t*>(nullptr));
+
+      // Online softmax, every step element-wise over the block's queries.
+      for (int64_t i = 0; i < padded_rows; i += kWidth) {
+        Vec mx(negative_infinity<acc_t>());
+        for (int64_t j = 0; j < cols; ++j) {
+          mx = at::vec::maximum(mx, Vec::loadu(st + j * ld + i));
+        }
+        mx.store(block_max_.data() + i);
+      }
+      for (int64_t i = 0; i < padded_rows; ++i) {
+        rescale_[i] = online_softmax_update_max(head_m[i], block_max_[i]);
+        offset_[i] = softmax_exp_offset(head_m[i]);
+      }
+      for (int64_t i = 0; i < padded_rows; i += kWidth) {
+        const Vec off = Vec::loadu(offset_.data() + i);
+        Vec sum(acc_t(0));
+        for (int64_t j = 0; j < cols; ++j) {
+          const Vec prob = exp_vec(Vec::loadu(st + j * ld + i) - off);
+          prob.store(st + j * ld + i);
+          sum = sum + prob;
+        }
+        sum.store(block_sum_.data() + i);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        head_l[i] = head_l[i] * rescale_[i] + block_sum_[i];
+        if (rescale_[i] != acc_t(1)) {
+          acc_t* row = head_acc + i * value_dim_padded_;
+          const acc_t f = rescale_[i];
+          at::vec::map([f](Vec x) { return x * Vec(f); }, row, row, value_dim_padded_);
+        }
+      }
+      if (dropout_.enabled) {
+        // The running sum above uses the undropped probabilities; only P V sees the mask.
+        dropout_.tile_factors(b, h, q0, rows, k0, cols, factors_.data(), ld);
+        multiply_tiles(st, factors_.data(), st, cols, padded_rows, ld);
+      }
+      block_matmul<acc_t, acc_t>(rows, value_dim_padded_, cols, st, 1, ld, values.data, values.ld,
+                                 head_acc, value_dim_padded_, /*accumulate=*/true);
+    }
+  }
+
+  // Query row i of head g: its running max and sum, and its unnormalised output row.
+  acc_t running_max(int64_t g, int64_t i) const { return m_[g * ld + i]; }
+  acc_t running_sum(int64_t g, int64_t i) const { return l_[g * ld + i]; }
+  const acc_t* output_row(int64_t g, int64_t i) const {
+    return acc_.data() + (g * kBlockQ + i) * value_dim_padded_;
+  }
+
+ private:
+  const AttentionParams& p_;
+  const ScoreTransform transform_;
+  const DropoutConfig dropout_;
+  const int64_t value_dim_padded_;
+  std::vector<acc_t> qt_, acc_, m_, l_, st_, factors_;
+  // Per query: the block's max, exp offset, rescale factor, column sum.
+  std::vector<acc_t> block_max_, offset_, rescale_, block_sum_;
+  std::vector<acc_t> v_buffer_;
+  const Sequence* seq_ = nullptr;
+  const QueryBlock* block_ = nullptr;
+  int64_t first_head_ = 0;
+  int64_t heads_ = 0;
+};
+
+// Writes query row i of head h: sinks join the denominator, then the normalised output and the
+// row statistics.
+template <typename scalar_t, typename acc_t>
+void finish_row(const AttentionParams& p, int64_t b, int64_t h, int64_t i, acc_t row_max,
+                acc_t row_sum, const acc_t* unnormalised_output) {
   const acc_t* sinks = static_cast<const acc_t*>(p.sinks);
+  const acc_t sink_factor =
+      sinks != nullptr ? online_softmax_add_sink(row_max, row_sum, sinks[h]) : acc_t(1);
+  const SoftmaxRowStats<acc_t> stats = online_softmax_finish(row_max, row_sum);
+  acc_t* stats_row = p.softmax_stats.row<acc_t>(b, h, i);
+  stats_row[0] = stats.offset;
+  stats_row[1] = stats.log_sum;
+  store_row(unnormalised_output, p.value_dim, stats.inverse_sum * sink_factor,
+            p.output.row<scalar_t>(b, h, i));
+}
+
+// Work items (batch, key/value head, head chunk, query block), each over every key its block
+// may see.
+template <typename scalar_t>
+void attention_forward_typed(const AttentionParams& p) {
+  constexpr int64_t kWidth = vector_width<at::opmath_type<scalar_t>>();
+  const int64_t query_blocks = (p.query_len + kBlockQ - 1) / kBlockQ;
+  const HeadChunks chunks(p);
+  const int64_t items = p.batch * p.kv_heads * chunks.count * query_blocks;
 
   parallel_over_items(items, [&](const auto& claim) {
-    // Per query head of the item: (scale Q)^T, output accumulator, running max and sum.
-    std::vector<acc_t> qt(heads_per_item * head_dim * ld);
-    std::vector<acc_t> acc(heads_per_item * kBlockQ * value_dim_padded);
-    std::vector<acc_t> m(heads_per_item * ld), l(heads_per_item * ld);
-    std::vector<acc_t> st(kBlockK * ld);  // S^T, then P^T
-    std::vector<acc_t> factors(dropout.enabled ? kBlockK * ld : 0);
-    // Per query: the block's max, exp offset, rescale factor, column sum.
-    std::vector<acc_t> block_max(ld), offset(ld), rescale(ld), block_sum(ld);
-    std::vector<acc_t> v_buffer;
-
+    QueryBlockAccumulator<scalar_t> state(p, chunks.heads_per_item);
     for (int64_t item = claim(); item < items; item = claim()) {
       const int64_t qb = item % query_blocks;
-      const int64_t head_chunk = (item / query_blocks) % head_chunks;
-      const int64_t kv_head = (item / (query_blocks * head_chunks)) % p.kv_heads;
-      const Sequence seq(p, item / (query_blocks * head_chunks * p.kv_heads));
+      const int64_t head_chunk = (item / query_blocks) % chunks.count;
+      const int64_t kv_head = (item / (query_blocks * chunks.count)) % p.kv_heads;
+      const Sequence seq(p, item / (query_blocks * chunks.count * p.kv_heads));
       if (qb * kBlockQ >= seq.query_len) {
         continue;  // past the end of a shorter sequence of a packed batch
       }
-      const int64_t b = seq.batch;
       const QueryBlock block(p, seq, qb, kWidth);
-      const int64_t q0 = block.q0, rows = block.rows, padded_rows = block.padded_rows;
-      const int64_t first_head = kv_head * group + head_chunk * heads_per_item;
-      const int64_t item_heads = std::min(heads_per_item, (kv_head + 1) * group - first_head);
-
-      for (int64_t g = 0; g < item_heads; ++g) {
-        pack_transposed(p.query.row<const scalar_t>(b, first_head + g, q0), p.query.stride_row,
-                        rows, head_dim, scale, qt.data() + g * head_dim * ld, ld, padded_rows);
-      }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(m.begin(), m.end(), negative_infinity<acc_t>());
-      std::fill(l.begin(), l.end(), acc_t(0));
-
+      const int64_t first_head = chunks.first_head(kv_head, head_chunk);
+      const int64_t heads = chunks.heads_in(kv_head, head_chunk);
+      state.start(seq, block, first_head, heads);
       for (int64_t k0 = block.keys.begin; k0 < block.keys.end; k0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, block.keys.end - k0);
-        const scalar_t* keys = p.key.row<const scalar_t>(b, kv_head, k0);
-        const RowsOperand<acc_t> values =
-            rows_operand(p.value.row<const scalar_t>(b, kv_head, k0), p.value.stride_row, cols,
-                         value_dim, v_buffer);
-        for (int64_t g = 0; g < item_heads; ++g) {
-          const int64_t h = first_head + g;
-          acc_t* head_acc = acc.data() + g * kBlockQ * value_dim_padded;
-          acc_t* head_m = m.data() + g * ld;
-          acc_t* head_l = l.data() + g * ld;
-          block_matmul<acc_t, scalar_t>(cols, padded_rows, head_dim, keys, p.key.stride_row, 1,
-                                        qt.data() + g * head_dim * ld, ld, st.data(), ld,
-                                        /*accumulate=*/false);
-          transform.apply(seq, h, q0, rows, padded_rows, k0, cols, st.data(), ld,
-                          static_cast<acc_t*>(nullptr));
-
-          // Online softmax, every step element-wise over the block's queries.
-          for (int64_t i = 0; i < padded_rows; i += kWidth) {
-            Vec mx(negative_infinity<acc_t>());
-            for (int64_t j = 0; j < cols; ++j) {
-              mx = at::vec::maximum(mx, Vec::loadu(st.data() + j * ld + i));
-            }
-            mx.store(block_max.data() + i);
-          }
-          for (int64_t i = 0; i < padded_rows; ++i) {
-            rescale[i] = online_softmax_update_max(head_m[i], block_max[i]);
-            offset[i] = softmax_exp_offset(head_m[i]);
-          }
-          for (int64_t i = 0; i < padded_rows; i += kWidth) {
-            const Vec off = Vec::loadu(offset.data() + i);
-            Vec sum(acc_t(0));
-            for (int64_t j = 0; j < cols; ++j) {
-              const Vec prob = exp_vec(Vec::loadu(st.data() + j * ld + i) - off);
-              prob.store(st.data() + j * ld + i);
-              sum = sum + prob;
-            }
-            sum.store(block_sum.data() + i);
-          }
-          for (int64_t i = 0; i < rows; ++i) {
-            head_l[i] = head_l[i] * rescale[i] + block_sum[i];
-            if (rescale[i] != acc_t(1)) {
-              acc_t* row = head_acc + i * value_dim_padded;
-              const acc_t f = rescale[i];
-              at::vec::map([f](Vec x) { return x * Vec(f); }, row, row, value_dim_padded);
-            }
-          }
-          if (dropout.enabled) {
-            // The running sum above uses the undropped probabilities; only P V sees the mask.
-            dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
-            multiply_tiles(st.data(), factors.data(), st.data(), cols, padded_rows, ld);
-          }
-          block_matmul<acc_t, acc_t>(rows, value_dim_padded, cols, st.data(), 1, ld, values.data,
-                                     values.ld, head_acc, value_dim_padded, /*accumulate=*/true);
+        state.add_keys(kv_head, k0, std::min(kBlockK, block.keys.end - k0));
+      }
+      for (int64_t g = 0; g < heads; ++g) {
+        for (int64_t i = 0; i < block.rows; ++i) {
+          finish_row<scalar_t>(p, seq.batch, first_head + g, block.q0 + i, state.running_max(g, i),
+                               state.running_sum(g, i), state.output_row(g, i));
         }
       }
+    }
+  });
+}
 
-      for (int64_t g = 0; g < item_heads; ++g) {
-        const int64_t h = first_head + g;
-        const acc_t* head_acc = acc.data() + g * kBlockQ * value_dim_padded;
-        for (int64_t i = 0; i < rows; ++i) {
-          acc_t row_max = m[g * ld + i], row_sum = l[g * ld + i];
-          const acc_t sink_factor =
-              sinks != nullptr ? online_softmax_add_sink(row_max, row_sum, sinks[h]) : acc_t(1);
-          const SoftmaxRowStats<acc_t> stats = online_softmax_finish(row_max, row_sum);
-          acc_t* stats_row = p.softmax_stats.row<acc_t>(b, h, q0 + i);
-          stats_row[0] = stats.offset;
-          stats_row[1] = stats.log_sum;
-          store_row(head_acc + i * value_dim_padded, value_dim, stats.inverse_sum * sink_factor,
-                    p.output.row<scalar_t>(b, h, q0 + i));
+// Number of key ranges each (batch, key/value head, head chunk) of a one-block problem is split
+// into: 1 when there are enough items already.
+int64_t key_splits(const AttentionParams& p, int64_t head_chunks) {
+  const int64_t items = p.batch * p.kv_heads * head_chunks;
+  const int64_t key_blocks = (p.key_len + kBlockK - 1) / kBlockK;
+  if (p.query_len > kBlockQ || items == 0 || items >= kSplitTargetItems) {
+    return 1;
+  }
+  const int64_t wanted = (kSplitTargetItems + items - 1) / items;
+  return std::max<int64_t>(1, std::min(wanted, key_blocks / kMinKeyBlocksPerSplit));
+}
+
+// One query block, keys split into `splits` ranges of whole key blocks: work items (batch,
+// key/value head, head chunk, split) write each range's running max, sum and unnormalised
+// output; then every query row combines its ranges in order, as the online softmax would have
+// met them.
+template <typename scalar_t>
+void attention_forward_split_typed(const AttentionParams& p, int64_t splits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kWidth = vector_width<acc_t>();
+  const HeadChunks chunks(p);
+  const int64_t value_dim_padded = round_up(p.value_dim, kWidth);
+  const int64_t items = p.batch * p.kv_heads * chunks.count * splits;
+  // Per (split, batch, head, query row): max, sum, then the output row.
+  const int64_t partial_size = 2 + value_dim_padded;
+  const int64_t rows_per_split = p.batch * p.heads * p.query_len;
+  std::vector<acc_t> partials(splits * rows_per_split * partial_size);
+  auto partial = [&](int64_t split, int64_t b, int64_t h, int64_t i) {
+    return partials.data() +
+           ((split * p.batch + b) * p.heads * p.query_len + h * p.query_len + i) * partial_size;
+  };
+
+  parallel_over_items(items, [&](const auto& claim) {
+    QueryBlockAccumulator<scalar_t> state(p, chunks.heads_per_item);
+    for (int64_t item = claim(); item < items; item = claim()) {
+      const int64_t split = item % splits;
+      const int64_t head_chunk = (item / splits) % chunks.count;
+      const int64_t kv_head = (item / (splits * chunks.count)) % p.kv_heads;
+      const Sequence seq(p, item / (splits * chunks.count * p.kv_heads));
+      if (seq.query_len == 0) {
+        continue;
+      }
+      const QueryBlock block(p, seq, 0, kWidth);
+      const int64_t first_head = chunks.first_head(kv_head, head_chunk);
+      const int64_t heads = chunks.heads_in(kv_head, head_chunk);
+      // This split's whole key blocks of the block's visible range.
+      const int64_t blocks = (block.keys.end - block.keys.begin + kBlockK - 1) / kBlockK;
+      const int64_t k_begin = block.keys.begin + split * blocks / splits * kBlockK;
+      const int64_t k_end =
+          std::min(block.keys.end, block.keys.begin + (split + 1) * blocks / splits * kBlockK);
+      state.start(seq, block, first_head, heads);
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
+        state.add_keys(kv_head, k0, std::min(kBlockK, k_end - k0));
+      }
+      for (int64_t g = 0; g < heads; ++g) {
+        for (int64_t i = 0; i < block.rows; ++i) {
+          acc_t* out = partial(split, seq.batch, first_head + g, i);
+          out[0] = state.running_max(g, i);
+          out[1] = state.running_sum(g, i);
+          std::copy(state.output_row(g, i), state.output_row(g, i) + p.value_dim, out + 2);
         }
+      }
+    }
+  });
+
+  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> output(p.value_dim);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / p.heads, h = item % p.heads;
+      for (int64_t i = 0; i < p.query_len_of(b); ++i) {
+        acc_t row_max = negative_infinity<acc_t>(), row_sum = 0;
+        std::fill(output.begin(), output.end(), acc_t(0));
+        for (int64_t split = 0; split < splits; ++split) {
+          const acc_t* in = partial(split, b, h, i);
+          // The split's state as one more block of the online softmax: rescale what was
+          // accumulated so far to the new maximum, then add the split, rescaled likewise.
+          const acc_t factor = online_softmax_update_max(row_max, in[0]);
+          const acc_t split_factor =
+              in[0] == negative_infinity<acc_t>()
+                  ? acc_t(0)
+                  : static_cast<acc_t>(std::exp(in[0] - softmax_exp_offset(row_max)));
+          row_sum = row_sum * factor + in[1] * split_factor;
+          for (int64_t d = 0; d < p.value_dim; ++d) {
+            output[d] = output[d] * factor + in[2 + d] * split_factor;
+          }
+        }
+        finish_row<scalar_t>(p, b, h, i, row_max, row_sum, output.data());
       }
     }
   });
@@ -234,13 +403,18 @@ void attention_weights_typed(const AttentionParams& p) {
 }  // namespace
 
 void attention_forward_kernel(const AttentionParams& params) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.dtype, "attention_forward_cpu",
-                                  [&] {
-                                    attention_forward_typed<scalar_t>(params);
-                                    if (params.weights != nullptr) {
-                                      attention_weights_typed<scalar_t>(params);
-                                    }
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, params.dtype, "attention_forward_cpu", [&] {
+        const int64_t splits = key_splits(params, HeadChunks(params).count);
+        if (splits > 1) {
+          attention_forward_split_typed<scalar_t>(params, splits);
+        } else {
+          attention_forward_typed<scalar_t>(params);
+        }
+        if (params.weights != nullptr) {
+          attention_weights_typed<scalar_t>(params);
+        }
+      });
 }
 
 }  // namespace torch_mha::cpu::CPU_CAPABILITY

@@ -1,13 +1,21 @@
-// CUDA entry points of the core attention ops: the host side in cuda/attention_launch.h, run
-// under a device guard with kernels launched on the current stream.
+// CUDA entry points of the core attention ops. Each call goes where select_cuda_backend()
+// (backend_selection.h) sends it: PyTorch's fused tensor-core kernels (cuda/fused_attention.cpp)
+// or torch_mha's own kernels, whose host side is cuda/attention_launch.h, run under a device
+// guard with kernels launched on the current stream.
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
 
+#include "backend_selection.h"
 #include "cuda/attention_launch.h"
+#include "cuda/fused_attention.h"
+#include "kvcache.h"
 
 namespace torch_mha::cuda {
 namespace {
@@ -41,14 +49,34 @@ struct CudaLauncher {
   }
 };
 
+// The backend for a call on the current device, under the process's settings.
+CudaBackend choose_backend(const AttentionForwardArgs& args, bool backward, bool mask_grad) {
+  const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
+  const char* requested = std::getenv("TORCH_MHA_CUDA_BACKEND");
+  return select_cuda_backend(cuda_backend_query(args, backward, mask_grad, device->major,
+                                                device->minor,
+                                                at::globalContext().deterministicAlgorithms(),
+                                                requested == nullptr ? "" : requested))
+      .backend;
+}
+
 ForwardResult attention_forward_cuda(const AttentionForwardArgs& args) {
   const c10::cuda::CUDAGuard device_guard(args.query.device());
+  const CudaBackend backend = choose_backend(args, /*backward=*/false, /*mask_grad=*/false);
+  if (backend != CudaBackend::kOwn) {
+    return fused_attention_forward(args, backend);
+  }
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
   return run_attention_forward(args, launcher);
 }
 
 BackwardResult attention_backward_cuda(const AttentionBackwardArgs& args) {
   const c10::cuda::CUDAGuard device_guard(args.forward.query.device());
+  const CudaBackend backend = choose_backend(args.forward, /*backward=*/true,
+                                             /*mask_grad=*/args.compute_mask_grad);
+  if (backend != CudaBackend::kOwn) {
+    return fused_attention_backward(args, backend);
+  }
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
   return run_attention_backward(args, launcher);
 }
@@ -57,6 +85,7 @@ BackwardResult attention_backward_cuda(const AttentionBackwardArgs& args) {
 
 TORCH_LIBRARY_IMPL(torch_mha, CUDA, m) {
   register_core_attention_kernels<&attention_forward_cuda, &attention_backward_cuda>(m);
+  register_kvcache_kernel<&attention_with_kvcache_on<&attention_forward_cuda>>(m);
 }
 
 }  // namespace torch_mha::cuda

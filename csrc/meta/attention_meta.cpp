@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "attention_args.h"
+#include "kvcache.h"
 
 namespace torch_mha::meta {
 namespace {
@@ -21,10 +22,17 @@ BackwardResult attention_backward_meta(const AttentionBackwardArgs& args) {
           outputs.grad_sinks};
 }
 
+// The output of attention_with_kvcache (the caches are written in place: nothing to allocate).
+at::Tensor attention_with_kvcache_meta(const KvCacheArgs& args) {
+  const AttentionForwardArgs call = check_kvcache_args(args, /*read_values=*/false);
+  return allocate_forward_outputs(call, check_forward_args(call, /*read_values=*/false)).output;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_mha, Meta, m) {
   register_core_attention_kernels<&attention_forward_meta, &attention_backward_meta>(m);
+  register_kvcache_kernel<&attention_with_kvcache_meta>(m);
 }
 
 }  // namespace torch_mha::meta
