@@ -184,14 +184,36 @@ def make_extension():
 
 
 class BuildExtensionWithIsaKernels(BuildExtension):
-    """BuildExtension plus the per-ISA CPU kernel objects, which need per-file flags."""
+    """BuildExtension plus the per-ISA CPU kernel objects, which need per-file flags.
+
+    The ISA objects compile in a thread pool while BuildExtension compiles the other sources
+    (ninja), and the link waits for them: on a machine with many cores the two stages overlap
+    instead of the slowest ISA object and the slowest other source (the CUDA file) adding up."""
 
     def build_extensions(self):
-        for ext in self.extensions:
-            ext.extra_objects = self.compile_cpu_isa_kernels() + list(ext.extra_objects)
-        super().build_extensions()
+        workers = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            isa_objects = self.compile_cpu_isa_kernels(pool)  # [(object path, future)]
+            for ext in self.extensions:
+                ext.extra_objects = [obj for obj, _ in isa_objects] + list(ext.extra_objects)
+            link = self.compiler.link_shared_object
 
-    def compile_cpu_isa_kernels(self):
+            def link_after_isa_kernels(*args, **kwargs):
+                for _, future in isa_objects:
+                    future.result()  # raises if that compile failed
+                return link(*args, **kwargs)
+
+            self.compiler.link_shared_object = link_after_isa_kernels
+            try:
+                super().build_extensions()
+            finally:
+                self.compiler.link_shared_object = link
+            for _, future in isa_objects:  # an up-to-date library skips the link
+                future.result()
+
+    def compile_cpu_isa_kernels(self, pool):
+        """Submits the stale per-ISA objects to `pool`; returns [(object path, future)] in link
+        order (DEFAULT first)."""
         cxx = os.environ.get("CXX", "c++")
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
         includes = [f"-I{CSRC}"]
@@ -232,9 +254,7 @@ class BuildExtensionWithIsaKernels(BuildExtension):
                     f.write(str(command))
             return obj
 
-        workers = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            return list(pool.map(run, jobs))
+        return [(job[0], pool.submit(run, job)) for job in jobs]
 
 
 setup(

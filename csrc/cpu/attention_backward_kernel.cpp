@@ -51,9 +51,10 @@ void add_weights_delta(const AttentionBackwardParams& p) {
       std::fill(sums.begin(), sums.end(), acc_t(0));
       for (int64_t k0 = block.keys.begin; k0 < block.keys.end; k0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, block.keys.end - k0);
-        probability_tile<scalar_t>(p, transform, seq, h, q0, rows, padded_rows, qt.data(),
-                                   stats.offset.data(), stats.log_sum.data(), k0, cols, pt.data(),
-                                   static_cast<acc_t*>(nullptr));
+        probability_tile(p, transform, seq, h, q0, rows, padded_rows,
+                         p.key.row<const scalar_t>(b, p.kv_head_of(h), k0), p.key.stride_row,
+                         qt.data(), stats.offset.data(), stats.log_sum.data(), k0, cols, pt.data(),
+                         static_cast<acc_t*>(nullptr));
         if (dropout.enabled) {
           dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
           multiply_tiles(pt.data(), factors.data(), pt.data(), cols, padded_rows, ld);
@@ -137,7 +138,7 @@ struct HeadPanels {
       }
     }
     q_operand = rows_operand(p.query.row<const scalar_t>(b, h, 0), p.query.stride_row,
-                             seq.query_len, p.head_dim, q_rows);
+                             seq.query_len, p.head_dim, q_rows);  // packed unless dense float
     dout_operand = rows_operand(p.grad_output.row<const scalar_t>(b, h, 0),
                                 p.grad_output.stride_row, seq.query_len, p.value_dim, dout_rows);
   }
@@ -177,7 +178,10 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
     std::vector<acc_t> dropped(dropout.enabled ? kBlockK * ld : 0);
     std::vector<acc_t> dk_acc(kBlockK * head_dim_padded);
     std::vector<acc_t> dv_acc(kBlockK * value_dim_padded);
-    std::vector<acc_t> k_buffer;
+    // The key block's keys and values, packed once and read for every query block and head:
+    // dense float rows whatever the input's dtype and strides.
+    std::vector<acc_t> k_tile(kBlockK * head_dim_padded);
+    std::vector<acc_t> v_tile(kBlockK * value_dim_padded);
 
     for (int64_t item = claim(); item < items; item = claim()) {
       const int64_t chunk = item % chunks;
@@ -200,9 +204,10 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
       for (int64_t kb = first_block; kb < last_block; ++kb) {
         const int64_t k0 = kb * kBlockK;
         const int64_t cols = std::min(kBlockK, seq.key_len - k0);
-        const scalar_t* value_rows = p.value.row<const scalar_t>(b, kv_head, k0);
-        const RowsOperand<acc_t> keys = rows_operand(p.key.row<const scalar_t>(b, kv_head, k0),
-                                                     p.key.stride_row, cols, head_dim, k_buffer);
+        pack_rows(p.key.row<const scalar_t>(b, kv_head, k0), p.key.stride_row, cols, head_dim,
+                  acc_t(1), k_tile.data(), head_dim_padded);
+        pack_rows(p.value.row<const scalar_t>(b, kv_head, k0), p.value.stride_row, cols, value_dim,
+                  acc_t(1), v_tile.data(), value_dim_padded);
         std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
         const IndexRange queries =
@@ -218,9 +223,10 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
             const acc_t* dot = panel.dot.data() + qb * value_dim * ld;
 
             // P^T, recomputed
-            probability_tile<scalar_t>(p, transform, seq, h, q0, rows, padded_rows, qt,
-                                       panel.offset.data() + q0, panel.log_sum.data() + q0, k0,
-                                       cols, pt.data(), softcap ? slope.data() : nullptr);
+            probability_tile(p, transform, seq, h, q0, rows, padded_rows, k_tile.data(),
+                             head_dim_padded, qt, panel.offset.data() + q0,
+                             panel.log_sum.data() + q0, k0, cols, pt.data(),
+                             softcap ? slope.data() : nullptr);
             const acc_t* used_pt = pt.data();
             if (dropout.enabled) {
               dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
@@ -235,9 +241,9 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
                                        /*accumulate=*/true);
 
             // dP^T = V dO^T (+ dW^T), times the dropout factors
-            block_matmul<acc_t, scalar_t>(cols, padded_rows, value_dim, value_rows,
-                                          p.value.stride_row, 1, dot, ld, dst.data(), ld,
-                                          /*accumulate=*/false);
+            block_matmul<acc_t, acc_t>(cols, padded_rows, value_dim, v_tile.data(),
+                                       value_dim_padded, 1, dot, ld, dst.data(), ld,
+                                       /*accumulate=*/false);
             if (grad_weights_data != nullptr) {
               for (int64_t i = 0; i < rows; ++i) {
                 const scalar_t* gw = grad_weights_data + p.grad_weights.offset(b, h, q0 + i, k0);
@@ -279,10 +285,10 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
                                        panel.q_operand.data + q0 * panel.q_operand.ld,
                                        panel.q_operand.ld, dk_acc.data(), head_dim_padded,
                                        /*accumulate=*/true);
-            block_matmul<acc_t, acc_t>(
-                rows, head_dim_padded, cols, dst.data(), 1, ld, keys.data, keys.ld,
-                work.dq_rows.row<acc_t>(b, h, q0) + chunk * work.chunk_stride,
-                work.dq_rows.stride_row, /*accumulate=*/true);
+            block_matmul<acc_t, acc_t>(rows, head_dim_padded, cols, dst.data(), 1, ld,
+                                       k_tile.data(), head_dim_padded,
+                                       work.dq_row<acc_t>(chunk, b, h, q0),
+                                       work.dq_layout(chunk).stride_row, /*accumulate=*/true);
           }
         }
         for (int64_t j = 0; j < cols; ++j) {
@@ -295,7 +301,8 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
     }
   });
 
-  // dQ = scale * sum over chunks, always summed in chunk order.
+  // dQ = scale * sum over chunks, always summed in chunk order (chunk 0 may already sit in
+  // grad_query itself).
   const int64_t query_len = p.query_len;
   at::parallel_for(0, p.batch * heads * query_len, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(head_dim);
@@ -307,9 +314,8 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
         continue;
       }
       std::fill(row.begin(), row.end(), acc_t(0));
-      const acc_t* partial = work.dq_rows.row<const acc_t>(b, h, i);
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const acc_t* chunk_row = partial + chunk * work.chunk_stride;
+        const acc_t* chunk_row = work.dq_row<const acc_t>(chunk, b, h, i);
         for (int64_t d = 0; d < head_dim; ++d) {
           row[d] += chunk_row[d];
         }

@@ -83,42 +83,57 @@ ForwardResult attention_forward_cpu(const AttentionForwardArgs& args) {
   return {outputs.output, outputs.softmax_stats, outputs.weights};
 }
 
-// dQ partial sums: one float32 (float64) copy of the query's rows per chunk of key blocks,
-// zero-filled, rows padded to whole vectors.
-at::Tensor allocate_dq_partials(const AttentionBackwardArgs& args, const AttentionParams& params,
-                                BackwardScratch& scratch) {
+// Where dQ accumulates (BackwardScratch): grad_query itself for chunk 0 when it holds the
+// accumulate type and whole vectors per row, and zero-filled float32 (float64) scratch rows,
+// padded to whole vectors, for the other chunks. Returns the scratch, to be kept alive.
+at::Tensor prepare_dq_accumulation(const AttentionBackwardParams& params,
+                                   const AttentionBackwardOutputs& outputs,
+                                   BackwardScratch& scratch) {
   scratch.chunks = backward_dq_chunks(params.batch * params.kv_heads, params.key_len);
   const int64_t row_stride = backward_dq_row_stride(params.head_dim);
-  const at::Tensor& query = args.forward.query;
-  const at::TensorOptions options = query.options().dtype(accumulate_type(query.scalar_type()));
-  at::Tensor partials;
-  if (params.cu_seqlens_q != nullptr) {
-    partials = at::zeros({scratch.chunks, query.size(0), params.heads, row_stride}, options);
-    scratch.dq_rows = {partials.mutable_data_ptr(), 0, row_stride, params.heads * row_stride,
-                       params.cu_seqlens_q};
+  const at::Tensor& grad_query = outputs.grad_query;
+  const at::TensorOptions options =
+      grad_query.options().dtype(accumulate_type(grad_query.scalar_type()));
+  const bool first_in_output =
+      grad_query.scalar_type() == accumulate_type(grad_query.scalar_type()) &&
+      params.head_dim == row_stride;
+  const int64_t scratch_chunks = scratch.chunks - (first_in_output ? 1 : 0);
+  const bool varlen = params.cu_seqlens_q != nullptr;
+  const std::vector<int64_t> sizes =
+      varlen ? std::vector<int64_t>{scratch_chunks, grad_query.size(0), params.heads, row_stride}
+             : std::vector<int64_t>{scratch_chunks, params.batch, params.heads, params.query_len,
+                                    row_stride};
+  const at::Tensor partials = at::zeros(sizes, options);
+  const RowLayout scratch_rows =
+      varlen ? RowLayout{partials.mutable_data_ptr(), 0, row_stride, params.heads * row_stride,
+                         params.cu_seqlens_q}
+             : RowLayout{partials.mutable_data_ptr(), params.heads * params.query_len * row_stride,
+                         params.query_len * row_stride, row_stride, nullptr};
+  scratch.chunk_stride = scratch_chunks > 0 ? partials.numel() / scratch_chunks : 0;
+  if (first_in_output) {
+    outputs.grad_query.zero_();
+    scratch.first = params.grad_query;
+    scratch.partials = scratch_rows;
   } else {
-    partials = at::zeros({scratch.chunks, params.batch, params.heads, params.query_len, row_stride},
-                         options);
-    scratch.dq_rows = {partials.mutable_data_ptr(), params.heads * params.query_len * row_stride,
-                       params.query_len * row_stride, row_stride, nullptr};
+    scratch.first = scratch_rows;
+    scratch.partials = scratch_rows;
+    scratch.partials.data =
+        static_cast<char*>(scratch_rows.data) + scratch.chunk_stride * partials.element_size();
   }
-  scratch.chunk_stride = partials.numel() / std::max<int64_t>(scratch.chunks, 1);
   return partials;
 }
 
 BackwardResult attention_backward_cpu(const AttentionBackwardArgs& args) {
   const AttentionShape shape = check_backward_args(args, /*read_values=*/true);
   AttentionBackwardOutputs outputs = allocate_backward_outputs(args, shape);
-  // Queries and output gradients are read once per key block, keys and values once per query
-  // block; the output only for delta.
-  const bool several_key_blocks = shape.key_len.expect_int() > kBlockK;
-  const bool several_query_blocks = shape.query_len.expect_int() > kBlockQ;
+  // No dense copies of the inputs here (they would be the peak of a training step): the kernel
+  // packs what it reads repeatedly, per head and per key block.
   AttentionBackwardArgs kernel_args = args;
   AttentionForwardArgs& forward = kernel_args.forward;
-  forward.query = with_dense_rows(args.forward.query, several_key_blocks);
-  forward.key = with_dense_rows(args.forward.key, several_query_blocks);
-  forward.value = with_dense_rows(args.forward.value, several_query_blocks);
-  kernel_args.grad_output = with_dense_rows(args.grad_output, several_key_blocks);
+  forward.query = with_unit_last_stride(args.forward.query);
+  forward.key = with_unit_last_stride(args.forward.key);
+  forward.value = with_unit_last_stride(args.forward.value);
+  kernel_args.grad_output = with_unit_last_stride(args.grad_output);
   kernel_args.output = with_unit_last_stride(args.output);
 
   const at::Tensor delta = allocate_delta(args);
@@ -126,7 +141,7 @@ BackwardResult attention_backward_cpu(const AttentionBackwardArgs& args) {
   const AttentionBackwardParams params =
       make_backward_params(kernel_args, outputs, delta, keep_alive);
   BackwardScratch scratch;
-  const at::Tensor dq_partials = allocate_dq_partials(args, params, scratch);
+  const at::Tensor dq_partials = prepare_dq_accumulation(params, outputs, scratch);
   kernels().backward(params, scratch);
   compute_sink_gradient(args, delta, outputs.grad_sinks);
   return {outputs.grad_query, outputs.grad_key, outputs.grad_value, outputs.grad_mask,
@@ -137,8 +152,10 @@ BackwardResult attention_backward_cpu(const AttentionBackwardArgs& args) {
 
 int64_t backward_dq_chunks(int64_t batch_kv_heads, int64_t key_len) {
   // Aim for at least this many work items, so that a small batch x heads still keeps several
-  // cores busy; each extra chunk costs one float32 copy of dQ for its heads.
-  constexpr int64_t kTargetItems = 16;
+  // cores busy. Each extra chunk costs one float32 copy of dQ: at 8 items, one sequence of 8
+  // heads (a training step of the layer at batch 1) needs none and stays at or below the memory
+  // of PyTorch's backward. A shape-only rule: results must not depend on the thread count.
+  constexpr int64_t kTargetItems = 8;
   const int64_t key_blocks = (key_len + kBlockK - 1) / kBlockK;
   if (batch_kv_heads == 0 || key_blocks == 0) {
     return 1;

@@ -365,9 +365,10 @@ void attention_weights_typed(const AttentionParams& p) {
           const int64_t cols = std::min(kBlockK, key_len - k0);
           const bool visible = k0 < block.keys.end && k0 + cols > block.keys.begin;
           if (visible) {
-            probability_tile<scalar_t>(p, transform, seq, h, q0, rows, padded_rows, qt.data(),
-                                       stats.offset.data(), stats.log_sum.data(), k0, cols,
-                                       pt.data(), static_cast<acc_t*>(nullptr));
+            probability_tile(p, transform, seq, h, q0, rows, padded_rows,
+                             p.key.row<const scalar_t>(b, p.kv_head_of(h), k0), p.key.stride_row,
+                             qt.data(), stats.offset.data(), stats.log_sum.data(), k0, cols,
+                             pt.data(), static_cast<acc_t*>(nullptr));
             if (dropout.enabled) {
               dropout.tile_factors(b, h, q0, rows, k0, cols, factors.data(), ld);
               multiply_tiles(pt.data(), factors.data(), pt.data(), cols, padded_rows, ld);

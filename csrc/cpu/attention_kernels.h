@@ -22,13 +22,26 @@ namespace torch_mha::cpu {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
 
-// Scratch of the backward, in the accumulate type, allocated (zero-filled) by the caller: one
-// dQ partial sum per chunk of key blocks, each laid out like the query with rows padded to
-// row_stride elements.
+// Where the backward accumulates dQ, in the accumulate type: one partial sum per chunk of key
+// blocks, each laid out like the query with rows of at least head_dim rounded up to whole
+// vectors. Chunk 0 may be grad_query itself (float32/float64 queries whose head_dim is a
+// multiple of 16, zero-filled by the caller: no scratch for it); the others are caller-allocated
+// zero-filled scratch.
 struct BackwardScratch {
-  RowLayout dq_rows;  // rows of chunk 0; chunk c starts chunk_stride elements further
+  RowLayout first;     // chunk 0's rows
+  RowLayout partials;  // chunk 1's rows; chunk c >= 1 starts (c - 1) * chunk_stride further
   int64_t chunk_stride = 0;
   int64_t chunks = 1;
+
+  const RowLayout& dq_layout(int64_t chunk) const { return chunk == 0 ? first : partials; }
+
+  template <typename T>
+  T* dq_row(int64_t chunk, int64_t b, int64_t h, int64_t i) const {
+    if (chunk == 0) {
+      return first.row<T>(b, h, i);
+    }
+    return partials.row<T>(b, h, i) + (chunk - 1) * chunk_stride;
+  }
 };
 
 // Backward work items are (batch, key/value head, chunk of key blocks); each chunk owns a dQ

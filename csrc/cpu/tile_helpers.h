@@ -90,7 +90,10 @@ void pack_transposed(const scalar_t* src, int64_t src_row_stride, int64_t rows, 
 }
 
 // Rows of an input as the B operand of block_matmul: the input itself when it already is a
-// float tensor of whole vectors, else a packed float copy in `buffer`.
+// dense float tensor of whole vectors, else a packed float copy in `buffer`. Rows far apart (the
+// per-head views of a packed projection) are copied too: a kernel reads the rows once per block
+// of the other sequence, and rows thousands of bytes apart share a few cache sets and evict each
+// other on every pass; one copy costs less than that.
 template <typename acc_t>
 struct RowsOperand {
   const acc_t* data;
@@ -102,7 +105,7 @@ RowsOperand<acc_t> rows_operand(const scalar_t* src, int64_t src_row_stride, int
                                 int64_t cols, std::vector<acc_t>& buffer) {
   constexpr int64_t kWidth = vector_width<acc_t>();
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (cols % kWidth == 0) {
+    if (cols % kWidth == 0 && (rows <= 1 || src_row_stride == cols)) {
       return {src, src_row_stride};
     }
   }
@@ -323,19 +326,19 @@ struct BlockStats {
 };
 
 // P^T for queries [q0, q0 + rows) of head h against keys [k0, k0 + cols), before dropout: the
-// tile exp((S^T - offset) - log_sum) with every score modifier, S^T = K (scale Q)^T. qt is the
-// query block's packed (scale Q)^T; offset and log_sum hold one value per (padded) query.
-template <typename scalar_t, typename acc_t>
+// tile exp((S^T - offset) - log_sum) with every score modifier, S^T = K (scale Q)^T. keys are the
+// key rows k0.. (any element type, rows key_stride apart); qt is the query block's packed
+// (scale Q)^T; offset and log_sum hold one value per (padded) query.
+template <typename key_t, typename acc_t>
 void probability_tile(const AttentionParams& p, const ScoreTransform& transform,
                       const Sequence& seq, int64_t h, int64_t q0, int64_t rows, int64_t padded_rows,
-                      const acc_t* qt, const acc_t* offset, const acc_t* log_sum, int64_t k0,
-                      int64_t cols, acc_t* pt, acc_t* softcap_slope) {
+                      const key_t* keys, int64_t key_stride, const acc_t* qt, const acc_t* offset,
+                      const acc_t* log_sum, int64_t k0, int64_t cols, acc_t* pt,
+                      acc_t* softcap_slope) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t ld = kBlockQ;
-  const RowLayout& k = p.key;
-  block_matmul<acc_t, scalar_t>(cols, padded_rows, p.head_dim,
-                                k.row<const scalar_t>(seq.batch, p.kv_head_of(h), k0), k.stride_row,
-                                1, qt, ld, pt, ld, /*accumulate=*/false);
+  block_matmul<acc_t, key_t>(cols, padded_rows, p.head_dim, keys, key_stride, 1, qt, ld, pt, ld,
+                             /*accumulate=*/false);
   transform.apply(seq, h, q0, rows, padded_rows, k0, cols, pt, ld, softcap_slope);
   for (int64_t i = 0; i < padded_rows; i += Vec::size()) {
     const Vec row_offset = Vec::loadu(offset + i);

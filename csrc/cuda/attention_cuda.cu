@@ -3,8 +3,8 @@
 // or torch_mha's own kernels, whose host side is cuda/attention_launch.h, run under a device
 // guard with kernels launched on the current stream.
 #include <ATen/Context.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -51,10 +51,15 @@ struct CudaLauncher {
 
 // The backend for a call on the current device, under the process's settings.
 CudaBackend choose_backend(const AttentionForwardArgs& args, bool backward, bool mask_grad) {
-  const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
+  // Attributes rather than at::cuda::getCurrentDeviceProperties(): ATen/cuda/CUDAContext.h pulls
+  // in cuSPARSE/cuBLAS headers, which a pip-installed CUDA torch does not always ship.
+  const int device = c10::cuda::current_device();
+  int major = 0;
+  int minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   const char* requested = std::getenv("TORCH_MHA_CUDA_BACKEND");
-  return select_cuda_backend(cuda_backend_query(args, backward, mask_grad, device->major,
-                                                device->minor,
+  return select_cuda_backend(cuda_backend_query(args, backward, mask_grad, major, minor,
                                                 at::globalContext().deterministicAlgorithms(),
                                                 requested == nullptr ? "" : requested))
       .backend;
