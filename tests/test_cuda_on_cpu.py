@@ -45,6 +45,7 @@ import os
 import re
 import select
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -54,11 +55,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
-import torch.jit._pickle
 from attention_testing import UNIT_ROUNDOFF, dtype_id
 from conftest import cuda_shared_memory_bytes
 from reference import reference_attention_variants
-from test_cpp import TensorFile
 from test_cuda import ATTN_MASK_SHAPES, LAYOUTS, _attn_mask_view, _layout_views
 from test_sanitizers import missing_requirement, sanitizer_reports
 from torch import Tensor
@@ -72,6 +71,7 @@ SOURCE = REPO / "tests" / "cuda_on_cpu"
 # Persistent, so that later sessions rebuild only what changed; build/ is ignored by git.
 BUILD = REPO / "build" / "cuda-on-cpu"
 PROGRAM = BUILD / "cuda_on_cpu"
+SELFTEST_PROGRAM = BUILD / "cuda_on_cpu_selftest"
 BUILD_TIMEOUT_S = 3600  # a cold build on a slow machine; about 3 minutes on 2 cores
 RUN_TIMEOUT_S = 600
 
@@ -111,7 +111,8 @@ def _run(command: List[str], timeout: float, **kwargs) -> subprocess.CompletedPr
 
 
 def build_harness() -> Path:
-    """Configures and builds tests/cuda_on_cpu into build/cuda-on-cpu (incremental)."""
+    """Configures and builds tests/cuda_on_cpu into build/cuda-on-cpu (incremental): the
+    harness (PROGRAM) and its self-tests (SELFTEST_PROGRAM)."""
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     _run(
         [
@@ -121,7 +122,9 @@ def build_harness() -> Path:
             "-B",
             str(BUILD),
             *generator,
+            # Torch_DIR too: a cached one from another environment's torch would win otherwise.
             "-DCMAKE_PREFIX_PATH=" + torch.utils.cmake_prefix_path,
+            "-DTorch_DIR=" + str(Path(torch.utils.cmake_prefix_path) / "Torch"),
         ],
         BUILD_TIMEOUT_S,
     )
@@ -131,7 +134,7 @@ def build_harness() -> Path:
 
 
 def run_program(program: Path, *args: str) -> subprocess.CompletedProcess:
-    """Runs the harness once, with the sanitizer options."""
+    """Runs a program of the harness once, with the sanitizer options."""
     env = dict(os.environ, **SANITIZER_ENV)
     return subprocess.run(
         [str(program), *args], capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S
@@ -263,29 +266,78 @@ class Problem:
         return self.options.get(name, default)
 
 
-def save_problem(problem: Problem, path: Path) -> None:
-    """Each tensor as its whole storage plus (dim, sizes, strides, offset), so that the program
-    sees the same strided views (main.cpp rebuilds them with as_strided); options as 0-d
-    tensors."""
-    buffers: Dict[str, Tensor] = {}
-    for name, t in problem.tensors.items():
+# Tensor bundles, the harness's file format (main.cpp): the magic line, int64 count, then per
+# tensor name, c10::ScalarType code, dim, sizes, strides, storage offset, storage element count
+# (int64 each, little endian) and the storage's bytes.
+BUNDLE_MAGIC = b"CUDAONCPU-BUNDLE-1\n"
+SCALAR_TYPE_CODES = {
+    torch.uint8: 0,
+    torch.int32: 3,
+    torch.int64: 4,
+    torch.float16: 5,
+    torch.float32: 6,
+    torch.float64: 7,
+    torch.bool: 11,
+    torch.bfloat16: 15,
+}
+DTYPES_BY_CODE = {code: dtype for dtype, code in SCALAR_TYPE_CODES.items()}
+
+
+def write_bundle(tensors: Dict[str, Tensor], path: Path) -> None:
+    """Each tensor as its whole storage plus (sizes, strides, offset), so that the harness sees
+    the same strided views (main.cpp rebuilds them with as_strided)."""
+    parts = [BUNDLE_MAGIC, struct.pack("<q", len(tensors))]
+    for name, t in tensors.items():
         t = t.detach()
-        storage = torch.empty(0, dtype=t.dtype).set_(
-            t.untyped_storage(), 0, (t.untyped_storage().nbytes() // t.element_size(),), (1,)
-        )
-        buffers[name + "__storage"] = storage.clone()
-        geometry = [t.dim(), *t.shape, *t.stride(), t.storage_offset()]
-        buffers[name + "__geometry"] = torch.tensor(geometry, dtype=torch.long)
+        storage = t.untyped_storage()
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+        encoded = name.encode()
+        parts += [struct.pack("<q", len(encoded)), encoded]
+        header = [SCALAR_TYPE_CODES[t.dtype], t.dim(), *t.shape, *t.stride(), t.storage_offset()]
+        header.append(storage.nbytes() // t.element_size())
+        parts += [struct.pack(f"<{len(header)}q", *header), raw.numpy().tobytes()]
+    path.write_bytes(b"".join(parts))
+
+
+def read_bundle(path: Path) -> Dict[str, Tensor]:
+    data = path.read_bytes()
+    assert data.startswith(BUNDLE_MAGIC), path
+    at = len(BUNDLE_MAGIC)
+
+    def ints(count: int) -> Tuple[int, ...]:
+        nonlocal at
+        values = struct.unpack_from(f"<{count}q", data, at)
+        at += 8 * count
+        return values
+
+    tensors = {}
+    for _ in range(ints(1)[0]):
+        (length,) = ints(1)
+        name = data[at : at + length].decode()
+        at += length
+        code, dim = ints(2)
+        geometry = ints(2 * dim + 2)
+        dtype = DTYPES_BY_CODE[code]
+        raw = bytearray(data[at : at + geometry[-1] * dtype.itemsize])
+        at += len(raw)
+        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.as_strided(geometry[:dim], geometry[dim : 2 * dim], geometry[2 * dim])
+    return tensors
+
+
+def save_problem(problem: Problem, path: Path) -> None:
+    """The problem's tensors, and its options as 0-d tensors."""
+    bundle = dict(problem.tensors)
     for name, value in problem.options.items():
         if value is None:
             continue
         if isinstance(value, bool):
-            buffers[name] = torch.tensor(value)
+            bundle[name] = torch.tensor(value)
         elif isinstance(value, int):
-            buffers[name] = torch.tensor(value, dtype=torch.long)
+            bundle[name] = torch.tensor(value, dtype=torch.long)
         else:
-            buffers[name] = torch.tensor(float(value), dtype=torch.float64)
-    TensorFile(buffers).save(path)
+            bundle[name] = torch.tensor(float(value), dtype=torch.float64)
+    write_bundle(bundle, path)
 
 
 def run_harness(
@@ -296,22 +348,20 @@ def run_harness(
     with tempfile.TemporaryDirectory() as tmp:
         pairs = []
         for index, problem in enumerate(problems):
-            save_problem(problem, Path(tmp) / f"in{index}.pt")
-            pairs.append(f"{tmp}/in{index}.pt={tmp}/out{index}.pt")
+            save_problem(problem, Path(tmp) / f"in{index}")
+            pairs.append(f"{tmp}/in{index}={tmp}/out{index}")
         result = harness.request("run", ",".join(schedules), *pairs)
         output = result.stdout + result.stderr
         assert result.returncode == 0 and not sanitizer_reports(output), (
             f"the harness exited with {result.returncode}:\n{output[-8000:]}"
         )
         runs = []
-        with torch.serialization.safe_globals([torch.jit._pickle.restore_type_tag]):
-            for index in range(len(problems)):
-                saved = torch.load(Path(tmp) / f"out{index}.pt")
-                results = {s: {} for s in schedules}
-                for key, value in saved.items():
-                    schedule, name = key.split("/")
-                    results[schedule][name] = value
-                runs.append(Run(results, {s: [] for s in schedules}))
+        for index in range(len(problems)):
+            results: Dict[str, Dict[str, Tensor]] = {s: {} for s in schedules}
+            for key, value in read_bundle(Path(tmp) / f"out{index}").items():
+                schedule, name = key.split("/")
+                results[schedule][name] = value
+            runs.append(Run(results, {s: [] for s in schedules}))
     index = -1
     for line in result.stdout.splitlines():
         if line.startswith("problem "):
@@ -688,7 +738,7 @@ def launched(run: Run, schedule: str = "inorder") -> List[str]:
 
 def selftest(harness: Harness, name: str, schedule: str = "inorder") -> subprocess.CompletedProcess:
     """A self-test in a process of its own (the faulty ones end it)."""
-    return run_program(harness.program, "selftest", name, schedule)
+    return run_program(SELFTEST_PROGRAM, name, schedule)
 
 
 @pytest.mark.parametrize("schedule", ["inorder", "reverse", "random:0"])
@@ -1147,8 +1197,8 @@ def test_empty_problems(harness: Harness) -> None:
 def test_head_dim_above_128_is_refused_by_the_host_code(harness: Harness) -> None:
     problem = dense_problem((1, 2, 5, 6, 129, 64), need_weights=False)
     with tempfile.TemporaryDirectory() as tmp:
-        save_problem(problem, Path(tmp) / "in.pt")
-        result = harness.request("run", "inorder", f"{tmp}/in.pt={tmp}/out.pt")
+        save_problem(problem, Path(tmp) / "in")
+        result = harness.request("run", "inorder", f"{tmp}/in={tmp}/out")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "torch_mha CUDA kernels support head_dim and value_dim up to 128" in result.stderr
     assert "launch " not in result.stdout

@@ -8,6 +8,7 @@
 
 #include "attention_args.h"
 #include "cuda/launch.h"
+#include "kvcache.h"
 
 namespace cuda_on_cpu {
 
@@ -37,5 +38,10 @@ torch_mha::ForwardResult fiber_attention_forward(const torch_mha::AttentionForwa
                                                  FiberLauncher& launcher);
 torch_mha::BackwardResult fiber_attention_backward(const torch_mha::AttentionBackwardArgs& args,
                                                    FiberLauncher& launcher);
+// attention_with_kvcache as the CUDA backend registers it (attention_with_kvcache_on of its
+// forward): kvcache.h's checks and in-place cache write, then the forward with per-sequence key
+// lengths, here run with `launcher`.
+at::Tensor fiber_attention_with_kvcache(const torch_mha::KvCacheArgs& args,
+                                        FiberLauncher& launcher);
 
 }  // namespace cuda_on_cpu

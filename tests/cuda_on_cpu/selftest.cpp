@@ -1,6 +1,7 @@
-// Small kernels that check the harness itself (tests/test_cuda_on_cpu.py runs each through
-// `cuda_on_cpu selftest NAME`): the faulty ones must be stopped with a clear message or an
-// AddressSanitizer report; the others print what they saw and exit with 0 when it was right.
+// cuda_on_cpu_selftest NAME [SCHEDULE]: small kernels that check the harness itself
+// (tests/test_cuda_on_cpu.py runs each in a process of its own): the faulty ones must be stopped
+// with a clear message or a sanitizer report; the others print what they saw and exit with 0
+// when it was right. A program of its own, without LibTorch, so that a process costs nothing.
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -155,8 +156,6 @@ int builtins() {
   return ok ? 0 : 1;
 }
 
-}  // namespace
-
 int run_selftest(const std::string& name) {
   std::vector<float> out(kThreads, 0.0f);
   const std::map<std::string, std::function<int()>> tests = {
@@ -211,4 +210,14 @@ int run_selftest(const std::string& name) {
   return status;
 }
 
+}  // namespace
 }  // namespace cuda_on_cpu
+
+int main(int argc, char** argv) {
+  if (argc < 2 || argc > 3) {
+    std::fprintf(stderr, "usage: %s NAME [SCHEDULE]\n", argv[0]);
+    return 2;
+  }
+  cuda_on_cpu::set_schedule(cuda_on_cpu::Schedule::parse(argc == 3 ? argv[2] : "inorder"));
+  return cuda_on_cpu::run_selftest(argv[1]);
+}
