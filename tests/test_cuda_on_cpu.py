@@ -262,6 +262,10 @@ class Problem:
     def varlen(self) -> bool:
         return "cu_seqlens_q" in self.tensors
 
+    @property
+    def kvcache(self) -> bool:
+        return "k_cache" in self.tensors
+
     def option(self, name: str, default=None):
         return self.options.get(name, default)
 
@@ -398,6 +402,24 @@ def run_cpu(problem: Problem, upcast: bool = False) -> Dict[str, Tensor]:
         softcap=o("softcap", 0.0),
         sinks=t.get("sinks"),
     )
+    if problem.kvcache:
+        # The op writes the new entries into the caches: give it copies, return them.
+        k_cache, v_cache = t["k_cache"].clone(), t["v_cache"].clone()
+        out = OPS.attention_with_kvcache(
+            t["query"],
+            k_cache,
+            v_cache,
+            t["cache_seqlens"],
+            t.get("key"),
+            t.get("value"),
+            o("scale"),
+            o("window_left", -1),
+            o("window_right", 0),
+            t.get("alibi_slopes"),
+            o("softcap", 0.0),
+            t.get("sinks"),
+        )
+        return {"output": out, "k_cache": k_cache, "v_cache": v_cache}
     q, k, v = t["query"], t["key"], t["value"]
     results: Dict[str, Tensor] = {}
     if problem.varlen:
@@ -486,6 +508,8 @@ def gradient_scale(expected: Dict[str, Tensor]) -> float:
 def tolerance(name: str, dtype: torch.dtype, grad_scale: float = 1.0) -> Tuple[float, float]:
     """(atol, rtol) for result `name` of a `dtype` problem whose gradients are of size
     grad_scale (gradient_scale); see the module docstring."""
+    if name in ("k_cache", "v_cache"):  # copies of the new entries
+        return 0.0, 0.0
     grad = name.startswith("grad_")
     scale = grad_scale if grad else 1.0
     if dtype == torch.float64:
@@ -520,8 +544,16 @@ def assert_agree(actual: Dict[str, Tensor], problem: Problem, what: str = "") ->
             exp.double(),
             atol=atol,
             rtol=rtol,
+            equal_nan=name in ("k_cache", "v_cache"),  # entries past the sequences' ends
             msg=lambda m, label=label: f"{label}: {m}",
         )
+
+
+def bitwise_equal(a: Tensor, b: Tensor) -> bool:
+    """Same shape, dtype and bits (NaN included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 def check(
@@ -535,7 +567,7 @@ def check(
         assert_agree(first, problem)
         for schedule in schedules[1:]:
             for name, value in run.results[schedule].items():
-                assert torch.equal(value, first[name]), (
+                assert bitwise_equal(value, first[name]), (
                     f"{problem.name}: {name} under schedule {schedule} differs from "
                     f"{schedules[0]} by {(value.double() - first[name].double()).abs().max()}"
                 )
@@ -702,6 +734,58 @@ def varlen_problem(
         softcap=softcap,
     )
     name = name or f"varlen-q{list(seqlens_q)}-k{list(seqlens_k)}-{dtype_id(dtype)}"
+    return Problem(tensors, options, name)
+
+
+def kvcache_problem(
+    lengths: Sequence[int],
+    new_len: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_len: int = 160,
+    e: int = 16,
+    ev: int = 24,
+    new_entries: bool = True,
+    window: Tuple[int, int] = (-1, 0),
+    alibi: bool = False,
+    softcap: float = 0.0,
+    sinks: Optional[torch.dtype] = None,
+    scale: Optional[float] = None,
+    values_seed: int = 13,
+    name: str = "",
+) -> Problem:
+    """A call of attention_with_kvcache: sequence b has lengths[b] cached entries and new_len
+    new queries (and new keys/values with new_entries, written at lengths[b]; without them the
+    cache already holds them). Cache entries past each sequence's end are NaN, as unwritten
+    memory may be: the kernels must not read them (key_lengths bounds every key loop)."""
+    gen = _generator(values_seed)
+    n = len(lengths)
+
+    def draw(*size: int, dtype: torch.dtype = dtype) -> Tensor:
+        return torch.randn(*size, generator=gen, dtype=torch.float64).to(dtype)
+
+    k_cache, v_cache = draw(n, kv_heads, max_len, e), draw(n, kv_heads, max_len, ev)
+    for b, length in enumerate(lengths):
+        end = length + (0 if new_entries else new_len)
+        k_cache[b, :, end:] = math.nan
+        v_cache[b, :, end:] = math.nan
+    tensors = {
+        "query": draw(n, heads, new_len, e),
+        "k_cache": k_cache,
+        "v_cache": v_cache,
+        "cache_seqlens": torch.tensor(lengths, dtype=torch.int32),
+    }
+    if new_entries:
+        tensors["key"] = draw(n, kv_heads, new_len, e)
+        tensors["value"] = draw(n, kv_heads, new_len, ev)
+    if alibi:
+        tensors["alibi_slopes"] = torch.rand(heads, generator=gen) * 0.2
+    if sinks is not None:
+        tensors["sinks"] = draw(heads, dtype=sinks)
+    options = dict(scale=scale, window_left=window[0], window_right=window[1], softcap=softcap)
+    name = name or f"kvcache-{list(lengths)}+{new_len}-{dtype_id(dtype)}"
     return Problem(tensors, options, name)
 
 
@@ -1371,6 +1455,48 @@ def test_varlen_variants(harness: Harness) -> None:
     check(harness, problems)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_kvcache(harness: Harness, dtype: torch.dtype) -> None:
+    """attention_with_kvcache, whose CUDA path is the op's host code (kvcache.h: checks, the
+    in-place write) and the forward kernel with per-sequence key lengths: decoding (one new
+    query; an empty cache, lengths across tile bounds, a sequence past 4 tiles), a prefill chunk
+    longer than a tile (bottom-right causal), and a cache that already holds the new entries.
+    Outputs as the CPU op's; the caches exactly so."""
+    problems = [
+        kvcache_problem([0, 31, 32, 150], 1, dtype, name="decode"),
+        kvcache_problem([0, 33, 70], 40, dtype, kv_heads=1, name="prefill_chunk"),
+        kvcache_problem([10, 64], 5, dtype, new_entries=False, name="without_new_entries"),
+    ]
+    runs = check(harness, problems)
+    for run in runs:
+        names = launched(run)
+        assert len(names) == 1 and "attention_forward_kernel" in names[0], names
+
+
+def test_kvcache_modifiers(harness: Harness) -> None:
+    """The op's window (bottom-right), ALiBi, softcap, sinks and scale, and the largest head-dim
+    instantiation, in float64."""
+    problems = [
+        kvcache_problem([20, 100], 3, torch.float64, window=(16, 0), name="window"),
+        kvcache_problem(
+            [45, 90],
+            2,
+            torch.float64,
+            heads=2,
+            kv_heads=2,
+            e=100,
+            ev=128,
+            alibi=True,
+            softcap=3.0,
+            sinks=torch.float32,
+            scale=0.2,
+            name="alibi+softcap+sinks+scale-E100",
+        ),
+        kvcache_problem([7, 50], 9, torch.float64, window=(-1, -1), name="full_window"),
+    ]
+    check(harness, problems)
+
+
 # =============================================================================================
 # 7. Schedules: random and reverse orders give bitwise the in-order results
 
@@ -1416,4 +1542,9 @@ def test_schedules_varlen(harness: Harness) -> None:
         dropout_p=0.3,
         seed=4,
     )
+    check(harness, [problem], SCHEDULES)
+
+
+def test_schedules_kvcache(harness: Harness) -> None:
+    problem = kvcache_problem([5, 40, 97], 6, torch.float32, window=(50, 0), sinks=torch.float32)
     check(harness, [problem], SCHEDULES)
