@@ -12,16 +12,20 @@ sequence, grid sizes and shared-memory sizes as on a GPU. Python writes each pro
 the program runs the forward and then the backward on the forward's results, and every result
 (output, softmax_stats, weights, grad_query, grad_key, grad_value, grad_mask, grad_sinks) is
 compared with the CPU op on the same inputs. A few tests also compare with the float64 reference
-(tests/reference.py).
+(tests/reference.py). attention_with_kvcache runs through the op's own host code (kvcache.h) with
+the CUDA forward; its output and the written caches are compared likewise.
 
 The build goes to build/cuda-on-cpu and is incremental: the first build compiles the 72 kernel
-instances (4 dtypes x 3 head dims x 6 kernels) with the sanitizers, about 3 minutes on 2 cores;
-later sessions only relink what changed. Skipped, with the reason, only where cmake, a C++
-compiler or gcc's sanitizer runtimes are missing.
+instances (4 dtypes x 3 head dims x 6 kernels) with the sanitizers, about 100 CPU seconds (1 to
+2 minutes on 2 cores, depending on the load); later sessions only rebuild what changed. The
+self-tests of the runtime are a second, small program without LibTorch (cuda_on_cpu_selftest).
+Skipped, with the reason, only where cmake, a C++ compiler or its sanitizer runtimes are
+missing.
 
 Schedules: every problem runs with the threads of a block in order (thread 0 first, each running
-until it reaches a barrier). TestSchedules runs problems that launch every kernel again in
-reverse order and in three seeded random orders of the runnable threads (and of the blocks):
+until it reaches a barrier). The test_schedules_* tests run problems that launch every kernel
+again in reverse order and in three seeded random orders of the runnable threads (and of the
+blocks):
 the results must be bitwise identical to the in-order ones, since a race-free kernel computes
 each value with the same operations whatever the interleaving, and shared memory starts as NaN
 bytes, so a read before the write it should wait for shows up as NaN.
