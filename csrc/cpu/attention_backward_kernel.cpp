@@ -35,7 +35,7 @@ void add_weights_delta(const AttentionBackwardParams& p) {
   const acc_t gw_scale = static_cast<acc_t>(p.grad_weights_scale);
 
   const int64_t items = p.batch * heads * query_blocks;
-  parallel_over_items(items, [&](const auto& claim) {
+  parallel_over_items(items, kBlockQ * p.key_len * head_dim, [&](const auto& claim) {
     const int64_t qt_ld = query_panel_ld<acc_t>();
     std::vector<acc_t> qt(head_dim * qt_ld), pt(kBlockK * ld), sums(ld);
     BlockStats<acc_t> stats;
@@ -173,7 +173,10 @@ void attention_backward_typed(const AttentionBackwardParams& p, const BackwardSc
   const acc_t scale = static_cast<acc_t>(p.scale);
 
   const int64_t items = p.batch * p.kv_heads * chunks;
-  parallel_over_items(items, [&](const auto& claim) {
+  // Five products per tile pair: S^T, dP^T, dV, dK, dQ.
+  const int64_t work_per_item =
+      group * p.query_len * (p.key_len / chunks + 1) * (3 * head_dim + 2 * value_dim);
+  parallel_over_items(items, work_per_item, [&](const auto& claim) {
     std::vector<HeadPanels<scalar_t, acc_t>> panels(group);
     int64_t panels_batch = -1, panels_kv_head = -1;
     std::vector<acc_t> pt(kBlockK * ld);   // P^T

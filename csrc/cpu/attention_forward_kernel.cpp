@@ -201,8 +201,11 @@ void attention_forward_typed(const AttentionParams& p) {
   const int64_t query_blocks = (p.query_len + kBlockQ - 1) / kBlockQ;
   const HeadChunks chunks(p);
   const int64_t items = p.batch * p.kv_heads * chunks.count * query_blocks;
+  const int64_t work_per_item = chunks.heads_per_item *
+                                round_up(std::min(p.query_len, kBlockQ), kWidth) * p.key_len *
+                                (p.head_dim + p.value_dim);
 
-  parallel_over_items(items, [&](const auto& claim) {
+  parallel_over_items(items, work_per_item, [&](const auto& claim) {
     QueryBlockAccumulator<scalar_t> state(p, chunks.heads_per_item);
     for (int64_t item = claim(); item < items; item = claim()) {
       const int64_t qb = item % query_blocks;
@@ -261,7 +264,9 @@ void attention_forward_split_typed(const AttentionParams& p, int64_t splits) {
            ((split * p.batch + b) * p.heads * p.query_len + h * p.query_len + i) * partial_size;
   };
 
-  parallel_over_items(items, [&](const auto& claim) {
+  const int64_t work_per_item = chunks.heads_per_item * round_up(p.query_len, kWidth) *
+                                (p.key_len / splits) * (p.head_dim + p.value_dim);
+  parallel_over_items(items, work_per_item, [&](const auto& claim) {
     QueryBlockAccumulator<scalar_t> state(p, chunks.heads_per_item);
     for (int64_t item = claim(); item < items; item = claim()) {
       const int64_t split = item % splits;
@@ -294,7 +299,9 @@ void attention_forward_split_typed(const AttentionParams& p, int64_t splits) {
     }
   });
 
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t combine_grain = std::max<int64_t>(
+      1, kMinParallelWork / std::max<int64_t>(1, splits * p.query_len * value_dim_padded));
+  at::parallel_for(0, p.batch * p.heads, combine_grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> output(p.value_dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / p.heads, h = item % p.heads;
@@ -347,7 +354,8 @@ void attention_weights_typed(const AttentionParams& p) {
   const acc_t head_weight = acc_t(1) / static_cast<acc_t>(heads_per_item);
 
   const int64_t items = p.batch * (heads / heads_per_item) * query_blocks;
-  parallel_over_items(items, [&](const auto& claim) {
+  const int64_t work_per_item = heads_per_item * kBlockQ * key_len * head_dim;
+  parallel_over_items(items, work_per_item, [&](const auto& claim) {
     const int64_t qt_ld = query_panel_ld<acc_t>();
     std::vector<acc_t> qt(head_dim * qt_ld), pt(kBlockK * ld);
     BlockStats<acc_t> stats;

@@ -42,21 +42,32 @@ T* scratch(std::vector<T>& buffer, int64_t size) {
   return buffer.data();
 }
 
+// Multiply-adds (about 50 us on one core) up to which a parallel region costs more than it
+// saves: OpenMP's fork and join take microseconds, and tens of them when the other threads are
+// descheduled on a busy machine. One decode step of a small model is that small (measured on
+// the AVX2 EPYC: 1 query, 8 heads on 2 key/value heads, D = 32, 256 keys: 46 us inline, 55 us
+// on 2 threads; 1024 keys: 143 us inline, 100 us on 2 threads).
+constexpr int64_t kMinParallelWork = int64_t{1} << 20;
+
 // Runs `thread_body(claim)` once on each of torch's threads (or inline inside another parallel
-// region); claim() hands out the next unclaimed item of [0, count). Items of unequal cost
-// (causal or windowed query blocks, packed sequences of different lengths) then spread evenly
-// over the threads. Each item's result depends on the item alone, never on which thread ran it
-// or when, so results are bitwise the same for any thread count.
+// region, or when count items of work_per_item multiply-adds are too little to share);
+// claim() hands out the next unclaimed item of [0, count). Items of unequal cost (causal or
+// windowed query blocks, packed sequences of different lengths) then spread evenly over the
+// threads. Each item's result depends on the item alone, never on which thread ran it or when,
+// so results are bitwise the same for any thread count.
 template <typename ThreadBody>
-void parallel_over_items(int64_t count, const ThreadBody& thread_body) {
+void parallel_over_items(int64_t count, int64_t work_per_item, const ThreadBody& thread_body) {
   if (count <= 0) {
     return;
   }
   std::atomic<int64_t> next{0};
+  const auto claim = [&next]() { return next.fetch_add(1, std::memory_order_relaxed); };
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
-  at::parallel_for(0, threads, 1, [&](int64_t /*begin*/, int64_t /*end*/) {
-    thread_body([&next]() { return next.fetch_add(1, std::memory_order_relaxed); });
-  });
+  if (threads <= 1 || work_per_item <= kMinParallelWork / count) {
+    thread_body(claim);
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t /*begin*/, int64_t /*end*/) { thread_body(claim); });
 }
 
 // dst[r, c] = multiplier * src[r, c] for r < rows, c < cols; columns [cols, ld) are zeroed.
