@@ -126,8 +126,8 @@ int64_t query_panel_ld() {
 
 // Rows of an input as the B operand of block_matmul: a packed float copy in `buffer`, rows a
 // conflict-free stride apart, or, with in_place_if_dense, the input itself when it already is
-// a dense float tensor of whole vectors (for a tile that one product reads and drops, where
-// the copy costs about what the conflicts do). Rows far apart (the per-head views of a packed
+// a dense float tensor of whole vectors (where the copy would cost about what the conflicts
+// do). Rows far apart (the per-head views of a packed
 // projection) are always copied: they share a few cache sets and evict each other on every pass.
 template <typename scalar_t, typename acc_t>
 RowsOperand<acc_t> rows_operand(const scalar_t* src, int64_t src_row_stride, int64_t rows,
