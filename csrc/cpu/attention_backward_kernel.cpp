@@ -137,13 +137,10 @@ struct HeadPanels {
         delta[q0 + i] = real ? *p.delta.row<const acc_t>(b, h, q0 + i) : acc_t(0);
       }
     }
-    // Read in place when dense float rows: a packed copy per head of a GQA group (2 MiB each
-    // at L = 2048, D = 128) measured no faster, and costs memory.
     q_operand = rows_operand(p.query.row<const scalar_t>(b, h, 0), p.query.stride_row,
-                             seq.query_len, p.head_dim, /*in_place_if_dense=*/true, q_rows);
-    dout_operand =
-        rows_operand(p.grad_output.row<const scalar_t>(b, h, 0), p.grad_output.stride_row,
-                     seq.query_len, p.value_dim, /*in_place_if_dense=*/true, dout_rows);
+                             seq.query_len, p.head_dim, q_rows);
+    dout_operand = rows_operand(p.grad_output.row<const scalar_t>(b, h, 0),
+                                p.grad_output.stride_row, seq.query_len, p.value_dim, dout_rows);
   }
 };
 

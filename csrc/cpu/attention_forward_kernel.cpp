@@ -101,7 +101,7 @@ class QueryBlockAccumulator {
     const scalar_t* keys = p_.key.row<const scalar_t>(b, kv_head, k0);
     const RowsOperand<acc_t> values =
         rows_operand(p_.value.row<const scalar_t>(b, kv_head, k0), p_.value.stride_row, cols,
-                     p_.value_dim, /*in_place_if_dense=*/true, v_buffer_);
+                     p_.value_dim, v_buffer_);
     acc_t* st = st_.data();
     for (int64_t g = 0; g < heads_; ++g) {
       const int64_t h = first_head_ + g;

@@ -124,17 +124,16 @@ int64_t query_panel_ld() {
   return conflict_free_row_stride<acc_t>(kBlockQ);
 }
 
-// Rows of an input as the B operand of block_matmul: a packed float copy in `buffer`, rows a
-// conflict-free stride apart, or, with in_place_if_dense, the input itself when it already is
-// a dense float tensor of whole vectors (where the copy would cost about what the conflicts
-// do). Rows far apart (the per-head views of a packed
-// projection) are always copied: they share a few cache sets and evict each other on every pass.
+// Rows of an input as the B operand of block_matmul: the input itself when it already is a
+// dense float tensor of whole vectors (a copy at a conflict-free stride measured no faster: it
+// costs about what the conflicts do), else a packed float copy in `buffer`, rows a
+// conflict-free stride apart. Rows far apart (the per-head views of a packed projection) are
+// always copied: they share a few cache sets and evict each other on every pass.
 template <typename scalar_t, typename acc_t>
 RowsOperand<acc_t> rows_operand(const scalar_t* src, int64_t src_row_stride, int64_t rows,
-                                int64_t cols, bool in_place_if_dense, std::vector<acc_t>& buffer) {
+                                int64_t cols, std::vector<acc_t>& buffer) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (in_place_if_dense && cols % vector_width<acc_t>() == 0 &&
-        (rows <= 1 || src_row_stride == cols)) {
+    if (cols % vector_width<acc_t>() == 0 && (rows <= 1 || src_row_stride == cols)) {
       return {src, src_row_stride};
     }
   }
