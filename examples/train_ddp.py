@@ -20,6 +20,7 @@ stay identical, which the script checks at the end.
 
 import argparse
 import datetime
+import gc
 import os
 import time
 
@@ -66,6 +67,18 @@ def main() -> None:
         device = torch.device("cpu")
         torch.set_num_threads(args.threads)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120))
+    identical = train(args, backend, device, local_rank)
+    # The DDP model held the process group; with train()'s locals gone the group's worker threads
+    # finish and join here, not during interpreter shutdown, where gloo's last decref of a tensor
+    # can abort the process ("terminate called without an active exception").
+    gc.collect()
+    dist.destroy_process_group()
+    if not identical:
+        raise SystemExit(f"rank {int(os.environ['RANK'])}: parameters differ between ranks")
+
+
+def train(args: argparse.Namespace, backend: str, device: torch.device, local_rank: int) -> bool:
+    """Trains args.steps steps; returns whether every rank ends with the same parameters."""
     rank, world = dist.get_rank(), dist.get_world_size()
 
     with open(CORPUS, encoding="utf-8") as f:
@@ -115,9 +128,8 @@ def main() -> None:
             f"parameters identical on all ranks: {identical}",
             flush=True,
         )
-    dist.destroy_process_group()
-    if not identical:
-        raise SystemExit(f"rank {rank}: parameters differ between ranks")
+    dist.barrier()
+    return identical
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Both ranks must also end with bitwise identical parameters (DDP's invariant).
 """
 
 import datetime
+import gc
 import os
 import socket
 import tempfile
@@ -118,17 +119,25 @@ def ddp_worker(rank: int, port: int, out_dir: str) -> None:
     )
     try:
         for dropout in DROPOUTS:
-            model = DistributedDataParallel(build_model(dropout))
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-            for step in range(STEPS):
-                torch.manual_seed(dropout_seed(step, rank))
-                optimizer.zero_grad()
-                loss_of(model, global_batch(step), rank_slice(rank)).backward()
-                optimizer.step()
-            params = {name: p.detach().clone() for name, p in model.module.named_parameters()}
-            torch.save(params, os.path.join(out_dir, f"dropout{dropout}-rank{rank}.pt"))
+            train_ddp_rank(rank, dropout, out_dir)
     finally:
+        # The DDP models (which hold the process group) are gone once train_ddp_rank returns, so
+        # gloo's worker threads join here rather than during interpreter shutdown, where they can
+        # abort the process.
+        gc.collect()
         dist.destroy_process_group()
+
+
+def train_ddp_rank(rank: int, dropout: float, out_dir: str) -> None:
+    model = DistributedDataParallel(build_model(dropout))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(STEPS):
+        torch.manual_seed(dropout_seed(step, rank))
+        optimizer.zero_grad()
+        loss_of(model, global_batch(step), rank_slice(rank)).backward()
+        optimizer.step()
+    params = {name: p.detach().clone() for name, p in model.module.named_parameters()}
+    torch.save(params, os.path.join(out_dir, f"dropout{dropout}-rank{rank}.pt"))
 
 
 def free_port() -> int:
