@@ -207,6 +207,58 @@ def test_grouped_query_heads(ratio: int, device: str) -> None:
     assert_close(out, ref, forward_tol(torch.float32))
 
 
+SHORT_BLOCKS = [(1, 1), (1, 300), (1, 1000), (3, 200), (16, 129), (17, 64)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES[:3], ids=dtype_id)
+@pytest.mark.parametrize("ratio", [2, 4, 8, 16])
+@pytest.mark.parametrize("ls", SHORT_BLOCKS, ids=lambda x: f"L{x[0]}_S{x[1]}")
+def test_short_query_blocks_with_grouped_heads(
+    ls: Tuple[int, int], ratio: int, dtype: torch.dtype, device: str
+) -> None:
+    """Decoding and short chunks (L <= 16) put the query heads of a group side by side in one
+    score tile (and long S also splits the keys): every modifier and mask must still reach each
+    head's own columns and no other. ALiBi slopes per batch and head and per-head float masks
+    make every column different."""
+    l, s = ls
+    h = 2 * ratio
+    torch.manual_seed(100 * ratio + l)
+    q, k, v = make_problem(2, h, 2, l, s, 16, 12, dtype, device)
+    modifiers = {
+        "window_size": (s // 2, 0),
+        "alibi_slopes": torch.rand(2, h) * 0.3,
+        "softcap": 2.0,
+        "sinks": torch.randn(h, dtype=torch.float64),
+    }
+    masks = (randn(h, l, s, dtype=dtype, device=device), (torch.rand(2, s) < 0.2).to(device))
+    for kw in ({}, _to(modifiers, device, dtype)):
+        for attn_mask, kpm in ((None, None), masks):
+            out, stats, _ = core_forward(q, k, v, attn_mask, kpm, need_weights=False, **kw)
+            ref_out, _ = reference(q, k, v, attn_mask, kpm, **kw)
+            assert_close(out, ref_out, forward_tol(dtype), f"{sorted(kw)} masks={kpm is not None}")
+            # The heads of a group, one at a time: the same rows.
+            kr, vr = k.repeat_interleave(ratio, 1), v.repeat_interleave(ratio, 1)
+            alone, alone_stats, _ = core_forward(
+                q, kr, vr, attn_mask, kpm, need_weights=False, **kw
+            )
+            assert_close(out, alone, forward_tol(dtype))
+            assert_close(stats, alone_stats, stats_tol(dtype))
+
+
+@pytest.mark.parametrize("l", [1, 5])
+def test_short_query_blocks_dropout(l: int, device: str) -> None:
+    """Dropout on stacked heads: each head's keep mask is its own (read off the per-head
+    weights, which the kernel computes one head at a time)."""
+    p, s, ratio = 0.3, 300, 4
+    q, k, v = make_problem(2, 2 * ratio, 2, l, s, 8, 8, torch.float64, device)
+    kw = _to(modifier_cases(2 * ratio, 2)["everything"], device, torch.float64)
+    out, _, w = core_forward(q, k, v, dropout_p=p, seed=5, **kw)
+    factors = (w != 0).double() / (1 - p)
+    ref_out, _ = reference(q, k, v, dropout_factors=factors, **kw)
+    assert_close(out, ref_out, forward_tol(torch.float64))
+    assert not torch.equal(w[:, 0], w[:, 1])  # heads of one group draw different masks
+
+
 def test_softmax_stats_include_the_sink(device: str) -> None:
     """softmax_stats.sum(-1) is the row's log-sum-exp over the visible scores and the sink."""
     q, k, v = make_problem(1, 2, 1, 40, 90, 8, 8, torch.float64, device)

@@ -141,6 +141,13 @@ struct Visibility {
     return {keys_of(first, query_len, key_len).begin, keys_of(last, query_len, key_len).end};
   }
 
+  // Keys every one of the queries [first, last] sees (both ends of keys_of grow with i).
+  C10_HOST_DEVICE IndexRange keys_of_every_query(int64_t first, int64_t last, int64_t query_len,
+                                                 int64_t key_len) const {
+    const int64_t begin = keys_of(last, query_len, key_len).begin;
+    return {begin, max_index(begin, keys_of(first, query_len, key_len).end)};
+  }
+
   // Queries that see any of the keys [first, last].
   C10_HOST_DEVICE IndexRange queries_of_block(int64_t first, int64_t last, int64_t query_len,
                                               int64_t key_len) const {

@@ -24,6 +24,12 @@ namespace {
 // (32 KiB each at head_dim 128), and four of them plus the key/value tiles fit in a 512 KiB L2.
 constexpr int64_t kMaxHeadsPerItem = 4;
 
+// Query blocks of at most this many rows (decoding, speculative and short prefill chunks) put
+// the heads of a grouped-query group side by side as the columns of one score tile: one query
+// per head would otherwise fill one lane of each vector of S^T = K (scale Q)^T and waste the
+// rest, and the group's heads share every key and value load.
+constexpr int64_t kMaxStackedRows = kBlockQ / 4;
+
 // Below this many (batch, key/value head, head chunk, query block) work items, a problem of one
 // query block (decoding, short prefills) also splits its keys into ranges processed in parallel
 // and combined through their log-sum-exp (flash-decoding). A constant, not the thread count:
@@ -31,15 +37,22 @@ constexpr int64_t kMaxHeadsPerItem = 4;
 constexpr int64_t kSplitTargetItems = 64;
 constexpr int64_t kMinKeyBlocksPerSplit = 2;
 
-// How the query heads of a key/value group are dealt out to work items.
+// How the query heads of a key/value group are dealt out to work items, and whether an item's
+// heads are stacked as the columns of one tile (head g's row i is column g * rows + i) or take
+// turns on their own tiles. A function of the shapes alone.
 struct HeadChunks {
   int64_t group;
+  int64_t rows;  // query rows of the largest block
+  bool stacked;
   int64_t heads_per_item;
   int64_t count;
 
   explicit HeadChunks(const AttentionParams& p)
       : group(p.group_size()),
-        heads_per_item(std::min(group, kMaxHeadsPerItem)),
+        rows(std::min(p.query_len, kBlockQ)),
+        stacked(group > 1 && rows > 0 && rows <= kMaxStackedRows),
+        heads_per_item(
+            std::min(group, stacked ? kBlockQ / std::max<int64_t>(rows, 1) : kMaxHeadsPerItem)),
         count(heads_per_item > 0 ? (group + heads_per_item - 1) / heads_per_item : 0) {}
 
   int64_t first_head(int64_t kv_head, int64_t chunk) const {
@@ -48,35 +61,41 @@ struct HeadChunks {
   int64_t heads_in(int64_t kv_head, int64_t chunk) const {
     return std::min(heads_per_item, (kv_head + 1) * group - first_head(kv_head, chunk));
   }
+  // Score-tile columns an item uses (whole vectors).
+  int64_t columns(int64_t width) const {
+    return stacked ? round_up(heads_per_item * rows, width) : round_up(rows, width);
+  }
 };
 
 // The online softmax of one query block, for the query heads of one work item, against a
-// stream of key blocks: (scale Q)^T per head, the output accumulator and the running max and
-// sum per query. Per-thread buffers, reused from item to item.
+// stream of key blocks: (scale Q)^T, the output accumulator and the running max and sum per
+// query. Per-thread buffers sized for the problem's blocks, reused from item to item.
 template <typename scalar_t>
 class QueryBlockAccumulator {
  public:
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   static constexpr int64_t kWidth = Vec::size();
-  static constexpr int64_t ld = kBlockQ;  // leading dimension of every transposed tile
 
-  QueryBlockAccumulator(const AttentionParams& p, int64_t heads_per_item)
+  QueryBlockAccumulator(const AttentionParams& p, const HeadChunks& chunks)
       : p_(p),
         transform_{p},
         dropout_(p),
+        stacked_(chunks.stacked),
+        ld_(chunks.columns(kWidth)),
+        tiles_(stacked_ ? 1 : chunks.heads_per_item),
         value_dim_padded_(round_up(p.value_dim, kWidth)),
-        qt_ld_(query_panel_ld<acc_t>()),
-        qt_(heads_per_item * p.head_dim * qt_ld_),
-        acc_(heads_per_item * kBlockQ * value_dim_padded_),
-        m_(heads_per_item * ld),
-        l_(heads_per_item * ld),
-        st_(kBlockK * ld),
-        factors_(dropout_.enabled ? kBlockK * ld : 0),
-        block_max_(ld),
-        offset_(ld),
-        rescale_(ld),
-        block_sum_(ld) {}
+        qt_ld_(conflict_free_row_stride<acc_t>(ld_)),
+        qt_(tiles_ * p.head_dim * qt_ld_),
+        acc_(tiles_ * ld_ * value_dim_padded_),
+        m_(tiles_ * ld_),
+        l_(tiles_ * ld_),
+        st_(kBlockK * ld_),
+        factors_(dropout_.enabled ? kBlockK * ld_ : 0),
+        block_max_(ld_),
+        offset_(ld_),
+        rescale_(ld_),
+        block_sum_(ld_) {}
 
   // Packs the query heads [first_head, first_head + heads) of the block and clears the state.
   void start(const Sequence& seq, const QueryBlock& block, int64_t first_head, int64_t heads) {
@@ -84,97 +103,137 @@ class QueryBlockAccumulator {
     block_ = &block;
     first_head_ = first_head;
     heads_ = heads;
+    head_stride_ = stacked_ ? block.rows : ld_;
+    const int64_t panel_rows = stacked_ ? block.rows : block.padded_rows;
     for (int64_t g = 0; g < heads; ++g) {
+      acc_t* panel = stacked_ ? qt_.data() + g * block.rows : qt_.data() + g * p_.head_dim * qt_ld_;
       pack_transposed(p_.query.row<const scalar_t>(seq.batch, first_head + g, block.q0),
                       p_.query.stride_row, block.rows, p_.head_dim, static_cast<acc_t>(p_.scale),
-                      qt_.data() + g * p_.head_dim * qt_ld_, qt_ld_, block.padded_rows);
+                      panel, qt_ld_, panel_rows);
     }
-    std::fill(acc_.begin(), acc_.end(), acc_t(0));
-    std::fill(m_.begin(), m_.end(), negative_infinity<acc_t>());
-    std::fill(l_.begin(), l_.end(), acc_t(0));
+    if (stacked_) {
+      const int64_t used = heads * block.rows;
+      for (int64_t c = 0; c < p_.head_dim; ++c) {
+        std::fill(qt_.data() + c * qt_ld_ + used, qt_.data() + c * qt_ld_ + stacked_columns(),
+                  acc_t(0));
+      }
+    }
+    std::fill(acc_.data(), acc_.data() + acc_.size(), acc_t(0));
+    std::fill(m_.data(), m_.data() + m_.size(), negative_infinity<acc_t>());
+    std::fill(l_.data(), l_.data() + l_.size(), acc_t(0));
   }
 
   // Folds keys [k0, k0 + cols) of key/value head kv_head into every head's state.
   void add_keys(int64_t kv_head, int64_t k0, int64_t cols) {
-    const int64_t b = seq_->batch, q0 = block_->q0, rows = block_->rows,
-                  padded_rows = block_->padded_rows;
+    const int64_t b = seq_->batch, q0 = block_->q0, rows = block_->rows;
     const scalar_t* keys = p_.key.row<const scalar_t>(b, kv_head, k0);
     const RowsOperand<acc_t> values =
         rows_operand(p_.value.row<const scalar_t>(b, kv_head, k0), p_.value.stride_row, cols,
                      p_.value_dim, v_buffer_);
     acc_t* st = st_.data();
+    if (stacked_) {
+      const int64_t columns = stacked_columns();
+      block_matmul<acc_t, scalar_t>(cols, columns, p_.head_dim, keys, p_.key.stride_row, 1,
+                                    qt_.data(), qt_ld_, st, ld_, /*accumulate=*/false);
+      transform_.apply_softcap(cols, columns, st, ld_, static_cast<acc_t*>(nullptr));
+      for (int64_t g = 0; g < heads_; ++g) {
+        transform_.apply_head_terms(*seq_, first_head_ + g, q0, rows, k0, cols, st + g * rows, ld_);
+        if (dropout_.enabled) {
+          dropout_.tile_factors(b, first_head_ + g, q0, rows, k0, cols, factors_.data() + g * rows,
+                                ld_);
+        }
+      }
+      softmax_and_accumulate(heads_ * rows, columns, cols, values, m_.data(), l_.data(),
+                             acc_.data());
+      return;
+    }
     for (int64_t g = 0; g < heads_; ++g) {
       const int64_t h = first_head_ + g;
-      acc_t* head_acc = acc_.data() + g * kBlockQ * value_dim_padded_;
-      acc_t* head_m = m_.data() + g * ld;
-      acc_t* head_l = l_.data() + g * ld;
-      block_matmul<acc_t, scalar_t>(cols, padded_rows, p_.head_dim, keys, p_.key.stride_row, 1,
-                                    qt_.data() + g * p_.head_dim * qt_ld_, qt_ld_, st, ld,
+      block_matmul<acc_t, scalar_t>(cols, block_->padded_rows, p_.head_dim, keys, p_.key.stride_row,
+                                    1, qt_.data() + g * p_.head_dim * qt_ld_, qt_ld_, st, ld_,
                                     /*accumulate=*/false);
-      transform_.apply(*seq_, h, q0, rows, padded_rows, k0, cols, st, ld,
+      transform_.apply(*seq_, h, q0, rows, block_->padded_rows, k0, cols, st, ld_,
                        static_cast<acc_t*>(nullptr));
-
-      // Online softmax, every step element-wise over the block's queries.
-      for (int64_t i = 0; i < padded_rows; i += kWidth) {
-        Vec mx(negative_infinity<acc_t>());
-        for (int64_t j = 0; j < cols; ++j) {
-          mx = at::vec::maximum(mx, Vec::loadu(st + j * ld + i));
-        }
-        mx.store(block_max_.data() + i);
-      }
-      for (int64_t i = 0; i < padded_rows; ++i) {
-        rescale_[i] = online_softmax_update_max(head_m[i], block_max_[i]);
-        offset_[i] = softmax_exp_offset(head_m[i]);
-      }
-      for (int64_t i = 0; i < padded_rows; i += kWidth) {
-        const Vec off = Vec::loadu(offset_.data() + i);
-        Vec sum(acc_t(0));
-        for (int64_t j = 0; j < cols; ++j) {
-          const Vec prob = exp_vec(Vec::loadu(st + j * ld + i) - off);
-          prob.store(st + j * ld + i);
-          sum = sum + prob;
-        }
-        sum.store(block_sum_.data() + i);
-      }
-      for (int64_t i = 0; i < rows; ++i) {
-        head_l[i] = head_l[i] * rescale_[i] + block_sum_[i];
-        if (rescale_[i] != acc_t(1)) {
-          acc_t* row = head_acc + i * value_dim_padded_;
-          const acc_t f = rescale_[i];
-          at::vec::map([f](Vec x) { return x * Vec(f); }, row, row, value_dim_padded_);
-        }
-      }
       if (dropout_.enabled) {
-        // The running sum above uses the undropped probabilities; only P V sees the mask.
-        dropout_.tile_factors(b, h, q0, rows, k0, cols, factors_.data(), ld);
-        multiply_tiles(st, factors_.data(), st, cols, padded_rows, ld);
+        dropout_.tile_factors(b, h, q0, rows, k0, cols, factors_.data(), ld_);
       }
-      block_matmul<acc_t, acc_t>(rows, value_dim_padded_, cols, st, 1, ld, values.data, values.ld,
-                                 head_acc, value_dim_padded_, /*accumulate=*/true);
+      softmax_and_accumulate(rows, block_->padded_rows, cols, values, m_.data() + g * ld_,
+                             l_.data() + g * ld_, acc_.data() + g * ld_ * value_dim_padded_);
     }
   }
 
   // Query row i of head g: its running max and sum, and its unnormalised output row.
-  acc_t running_max(int64_t g, int64_t i) const { return m_[g * ld + i]; }
-  acc_t running_sum(int64_t g, int64_t i) const { return l_[g * ld + i]; }
+  acc_t running_max(int64_t g, int64_t i) const { return m_[g * head_stride_ + i]; }
+  acc_t running_sum(int64_t g, int64_t i) const { return l_[g * head_stride_ + i]; }
   const acc_t* output_row(int64_t g, int64_t i) const {
-    return acc_.data() + (g * kBlockQ + i) * value_dim_padded_;
+    return acc_.data() + (g * head_stride_ + i) * value_dim_padded_;
   }
 
  private:
+  int64_t stacked_columns() const { return round_up(heads_ * block_->rows, kWidth); }
+
+  // One key block of the online softmax for the score tile in st_ (`columns` queries, the
+  // first `used` of them real): running max m, sum l, and acc += P V, element-wise over the
+  // queries.
+  void softmax_and_accumulate(int64_t used, int64_t columns, int64_t cols,
+                              const RowsOperand<acc_t>& values, acc_t* m, acc_t* l, acc_t* acc) {
+    acc_t* st = st_.data();
+    for (int64_t i = 0; i < columns; i += kWidth) {
+      Vec mx(negative_infinity<acc_t>());
+      for (int64_t j = 0; j < cols; ++j) {
+        mx = at::vec::maximum(mx, Vec::loadu(st + j * ld_ + i));
+      }
+      mx.store(block_max_.data() + i);
+    }
+    for (int64_t i = 0; i < columns; ++i) {
+      rescale_[i] = online_softmax_update_max(m[i], block_max_[i]);
+      offset_[i] = softmax_exp_offset(m[i]);
+    }
+    for (int64_t i = 0; i < columns; i += kWidth) {
+      const Vec off = Vec::loadu(offset_.data() + i);
+      Vec sum(acc_t(0));
+      for (int64_t j = 0; j < cols; ++j) {
+        const Vec prob = exp_vec(Vec::loadu(st + j * ld_ + i) - off);
+        prob.store(st + j * ld_ + i);
+        sum = sum + prob;
+      }
+      sum.store(block_sum_.data() + i);
+    }
+    for (int64_t i = 0; i < used; ++i) {
+      l[i] = l[i] * rescale_[i] + block_sum_[i];
+      if (rescale_[i] != acc_t(1)) {
+        acc_t* row = acc + i * value_dim_padded_;
+        const acc_t f = rescale_[i];
+        at::vec::map([f](Vec x) { return x * Vec(f); }, row, row, value_dim_padded_);
+      }
+    }
+    if (dropout_.enabled) {
+      // The running sum above uses the undropped probabilities; only P V sees the mask.
+      multiply_tiles(st, factors_.data(), st, cols, columns, ld_);
+    }
+    block_matmul<acc_t, acc_t>(used, value_dim_padded_, cols, st, 1, ld_, values.data, values.ld,
+                               acc, value_dim_padded_, /*accumulate=*/true);
+  }
+
   const AttentionParams& p_;
   const ScoreTransform transform_;
   const DropoutConfig dropout_;
+  const bool stacked_;
+  const int64_t ld_;     // leading dimension of every transposed tile: the item's columns
+  const int64_t tiles_;  // score tiles per item: one per head, or one for stacked heads
   const int64_t value_dim_padded_;
   const int64_t qt_ld_;  // Q^T rows: the B operand of S^T = K Q^T
-  std::vector<acc_t> qt_, acc_, m_, l_, st_, factors_;
+  // Written before they are read: no need to clear them per call.
+  UninitializedBuffer<acc_t> qt_, acc_, m_, l_, st_;
+  std::vector<acc_t> factors_;  // padding columns stay 0
   // Per query: the block's max, exp offset, rescale factor, column sum.
-  std::vector<acc_t> block_max_, offset_, rescale_, block_sum_;
+  UninitializedBuffer<acc_t> block_max_, offset_, rescale_, block_sum_;
   std::vector<acc_t> v_buffer_;
   const Sequence* seq_ = nullptr;
   const QueryBlock* block_ = nullptr;
   int64_t first_head_ = 0;
   int64_t heads_ = 0;
+  int64_t head_stride_ = 0;  // column of (head g, row i) = g * head_stride_ + i
 };
 
 // Writes query row i of head h: sinks join the denominator, then the normalised output and the
@@ -201,12 +260,11 @@ void attention_forward_typed(const AttentionParams& p) {
   const int64_t query_blocks = (p.query_len + kBlockQ - 1) / kBlockQ;
   const HeadChunks chunks(p);
   const int64_t items = p.batch * p.kv_heads * chunks.count * query_blocks;
-  const int64_t work_per_item = chunks.heads_per_item *
-                                round_up(std::min(p.query_len, kBlockQ), kWidth) * p.key_len *
-                                (p.head_dim + p.value_dim);
+  const int64_t work_per_item = (chunks.stacked ? 1 : chunks.heads_per_item) *
+                                chunks.columns(kWidth) * p.key_len * (p.head_dim + p.value_dim);
 
   parallel_over_items(items, work_per_item, [&](const auto& claim) {
-    QueryBlockAccumulator<scalar_t> state(p, chunks.heads_per_item);
+    QueryBlockAccumulator<scalar_t> state(p, chunks);
     for (int64_t item = claim(); item < items; item = claim()) {
       const int64_t qb = item % query_blocks;
       const int64_t head_chunk = (item / query_blocks) % chunks.count;
@@ -264,10 +322,11 @@ void attention_forward_split_typed(const AttentionParams& p, int64_t splits) {
            ((split * p.batch + b) * p.heads * p.query_len + h * p.query_len + i) * partial_size;
   };
 
-  const int64_t work_per_item = chunks.heads_per_item * round_up(p.query_len, kWidth) *
-                                (p.key_len / splits) * (p.head_dim + p.value_dim);
+  const int64_t work_per_item = (chunks.stacked ? 1 : chunks.heads_per_item) *
+                                chunks.columns(kWidth) * (p.key_len / splits) *
+                                (p.head_dim + p.value_dim);
   parallel_over_items(items, work_per_item, [&](const auto& claim) {
-    QueryBlockAccumulator<scalar_t> state(p, chunks.heads_per_item);
+    QueryBlockAccumulator<scalar_t> state(p, chunks);
     for (int64_t item = claim(); item < items; item = claim()) {
       const int64_t split = item % splits;
       const int64_t head_chunk = (item / splits) % chunks.count;

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -32,6 +33,24 @@
 #include "cpu/block_matmul.h"
 
 namespace torch_mha::cpu::CPU_CAPABILITY {
+
+// A fixed-size array whose elements start indeterminate: for per-thread tiles that are always
+// written before they are read, where zeroing them (std::vector) would cost more than a small
+// problem's whole kernel.
+template <typename T>
+class UninitializedBuffer {
+ public:
+  explicit UninitializedBuffer(int64_t size) : data_(new T[size]), size_(size) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  int64_t size() const { return size_; }
+  T& operator[](int64_t i) { return data_[i]; }
+  const T& operator[](int64_t i) const { return data_[i]; }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  int64_t size_;
+};
 
 // Per-thread scratch that grows on demand and is reused across work items.
 template <typename T>
@@ -249,42 +268,73 @@ struct ScoreTransform {
   template <typename acc_t>
   void apply(const Sequence& seq, int64_t h, int64_t q0, int64_t rows, int64_t padded_rows,
              int64_t k0, int64_t cols, acc_t* st, int64_t ld, acc_t* softcap_slope) const {
+    apply_softcap(cols, padded_rows, st, ld, softcap_slope);
+    apply_head_terms(seq, h, q0, rows, k0, cols, st, ld);
+  }
+
+  // The part that is the same for every head: the softcap, over `columns` (whole vectors).
+  template <typename acc_t>
+  void apply_softcap(int64_t cols, int64_t columns, acc_t* st, int64_t ld,
+                     acc_t* softcap_slope) const {
     using Vec = at::vec::Vectorized<acc_t>;
-    const int64_t b = seq.batch;
-    if (p.softcap > 0.0) {
-      const Vec cap(static_cast<acc_t>(p.softcap));
-      const Vec inverse_cap(static_cast<acc_t>(1.0 / p.softcap));
-      for (int64_t j = 0; j < cols; ++j) {
-        for (int64_t i = 0; i < padded_rows; i += Vec::size()) {
-          const Vec t = (Vec::loadu(st + j * ld + i) * inverse_cap).tanh();
-          (cap * t).store(st + j * ld + i);
-          if (softcap_slope != nullptr) {
-            (Vec(acc_t(1)) - t * t).store(softcap_slope + j * ld + i);
-          }
+    if (p.softcap <= 0.0) {
+      return;
+    }
+    const Vec cap(static_cast<acc_t>(p.softcap));
+    const Vec inverse_cap(static_cast<acc_t>(1.0 / p.softcap));
+    for (int64_t j = 0; j < cols; ++j) {
+      for (int64_t i = 0; i < columns; i += Vec::size()) {
+        const Vec t = (Vec::loadu(st + j * ld + i) * inverse_cap).tanh();
+        (cap * t).store(st + j * ld + i);
+        if (softcap_slope != nullptr) {
+          (Vec(acc_t(1)) - t * t).store(softcap_slope + j * ld + i);
         }
       }
     }
+  }
+
+  // The part that depends on head h and the positions: ALiBi, the masks, the visibility rule.
+  // Touches exactly `rows` columns, so the heads of a grouped-query group may sit side by side
+  // in one tile.
+  template <typename acc_t>
+  void apply_head_terms(const Sequence& seq, int64_t h, int64_t q0, int64_t rows, int64_t k0,
+                        int64_t cols, acc_t* st, int64_t ld) const {
+    using Vec = at::vec::Vectorized<acc_t>;
+    const int64_t b = seq.batch;
     if (p.alibi_slopes != nullptr) {
       // -slope * |i + S - L - j| for query q0 + i, key k0 + j.
       const Vec negative_slope(-static_cast<acc_t>(p.alibi_slope(b, h)));
       for (int64_t j = 0; j < cols; ++j) {
         const acc_t first = static_cast<acc_t>(q0 + seq.key_len - seq.query_len - (k0 + j));
-        for (int64_t i = 0; i < padded_rows; i += Vec::size()) {
+        for (int64_t i = 0; i < rows; i += Vec::size()) {
+          const int count = static_cast<int>(std::min<int64_t>(Vec::size(), rows - i));
           const Vec distance = Vec::arange(first + static_cast<acc_t>(i), acc_t(1)).abs();
-          (Vec::loadu(st + j * ld + i) + negative_slope * distance).store(st + j * ld + i);
+          (Vec::loadu(st + j * ld + i, count) + negative_slope * distance)
+              .store(st + j * ld + i, count);
         }
       }
     }
     apply_mask(p.attn_mask, b, h, q0, rows, k0, cols, st, ld);
     apply_mask(p.key_padding_mask, b, h, q0, rows, k0, cols, st, ld);
     if (p.visibility.restricts()) {
-      // Key k0 + j is seen by the queries queries_of(k0 + j): hide the rest of the block.
-      for (int64_t j = 0; j < cols; ++j) {
+      // Key k0 + j is seen by the queries queries_of(k0 + j): hide the rest of the block. Keys
+      // that every query of the block sees (all of them when decoding) need nothing.
+      const IndexRange everyone =
+          p.visibility.keys_of_every_query(q0, q0 + rows - 1, seq.query_len, seq.key_len);
+      const int64_t skip_begin = std::clamp<int64_t>(everyone.begin - k0, 0, cols);
+      const int64_t skip_end = std::clamp<int64_t>(everyone.end - k0, skip_begin, cols);
+      auto hide_unseen = [&](int64_t j) {
         const IndexRange seen = p.visibility.queries_of(k0 + j, seq.query_len, seq.key_len);
         const int64_t begin = std::clamp<int64_t>(seen.begin - q0, 0, rows);
         const int64_t end = std::clamp<int64_t>(seen.end - q0, begin, rows);
         std::fill(st + j * ld, st + j * ld + begin, negative_infinity<acc_t>());
         std::fill(st + j * ld + end, st + j * ld + rows, negative_infinity<acc_t>());
+      };
+      for (int64_t j = 0; j < skip_begin; ++j) {
+        hide_unseen(j);
+      }
+      for (int64_t j = skip_end; j < cols; ++j) {
+        hide_unseen(j);
       }
     }
   }
