@@ -8,6 +8,7 @@ the issue's shapes instead (PASS/MISS rules, and that the planned shapes are the
 at).
 """
 
+import argparse
 import json
 import os
 import struct
@@ -429,3 +430,35 @@ def test_serving_targets_at_the_issue_shapes(decode, generate, prefill, expected
             case["threads"] = 1
     found = targets.evaluate_targets({"cases": cases, "memory": [], "memory_scan_keys": []}, groups)
     assert {t["status"] for t in found} == {"not measured"}
+
+
+def test_attention_share_counts_the_attention_calls_of_both_backends() -> None:
+    """benchmarks/attention_share.py: its clock sees every attention call of both backends
+    (one per layer and forward), its attention time is a part of the total, and it leaves
+    transformers' registry as it found it."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from transformers import AttentionInterface
+
+    import torch_mha.hf  # noqa: F401  (registers "torch_mha")
+
+    sys.path.insert(0, BENCH_DIR)
+    import attention_share
+
+    before = {b: AttentionInterface._global_mapping[b] for b in attention_share.BACKENDS}
+    options = argparse.Namespace(hf_model="tiny", prefill_lengths=(20, 7, 13))
+    bench = attention_share.serving.PrefillBench(
+        attention_share.serving.plan_prefill(options, 1, "float32")[0]
+    )
+    clock = attention_share.AttentionClock(list(attention_share.BACKENDS))
+    try:
+        with torch.no_grad():
+            for contender in ("pre_ours", "pre_sdpa"):
+                bench.forward(contender)()
+    finally:
+        clock.restore()
+    layers = len(bench.model("pre_ours").model.layers)
+    assert clock.calls == 2 * layers and clock.seconds > 0
+    result = attention_share.measure("prefill", "float32", 1, 2, options)
+    for backend in attention_share.BACKENDS:
+        assert 0 < result[backend]["attention"] < result[backend]["total"], backend
+    assert {b: AttentionInterface._global_mapping[b] for b in before} == before
