@@ -52,7 +52,7 @@ def test_bench_attention_smallest_run(tmp_path) -> None:
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Targets (issues #5, #14 and #15)" in proc.stdout
+    assert "Targets (issues #5, #14, #15 and #16)" in proc.stdout
     assert "Machine: " in proc.stdout
 
     # JSON: metadata, every group measured, medians and memory present, targets evaluated.
@@ -462,3 +462,81 @@ def test_attention_share_counts_the_attention_calls_of_both_backends() -> None:
     for backend in attention_share.BACKENDS:
         assert 0 < result[backend]["attention"] < result[backend]["total"], backend
     assert {b: AttentionInterface._global_mapping[b] for b in before} == before
+
+
+def _core_cases(speedup: float, mm_fraction: float):
+    """Core-group case records at L 1024-4096, D 64 and 128, float32 and bfloat16, with
+    torch_mha `speedup` times faster than F.sdpa in every phase and its fwd+bwd GFLOP/s
+    `mm_fraction` of a made-up torch.mm ceiling; read back from JSON."""
+    cli, runner, _, _, workloads = _bench_modules()
+    args = cli.parse_args(["--groups", "core", "--lengths", "1024,2048,4096"])
+    args.head_dims = [64, 128]
+    cases = []
+    for dtype in ("float32", "bfloat16"):
+        for w in workloads.GROUPS["core"].plan(args, 2, dtype):
+            result = {
+                c: {"phases": {p: {"median_s": t} for p in ("fwd", "bwd", "fwdbwd")}}
+                for c, t in (("ours", 1.0), ("sdpa", speedup))
+            }
+            cases.append(json.loads(json.dumps(runner.case_record(w, "train", result, []))))
+    ceiling = []
+    for dtype in ("float32", "bfloat16"):
+        ours = [c for c in cases if c["dtype"] == dtype][0]["contenders"]["ours"]
+        gflops = ours["phases"]["fwdbwd"]["gflops"]
+        ceiling.append({"dtype": dtype, "threads": 2, "gflops": gflops / mm_fraction})
+    return cases, ceiling
+
+
+@pytest.mark.parametrize("flags", [["avx2", "fma"], ["avx2", "fma", "avx512f", "avx512_bf16"]])
+@pytest.mark.parametrize("speedup", [1.1, 1.3, 1.6])
+def test_issue16_targets_depend_on_the_machine(flags, speedup) -> None:
+    """bfloat16 core targets: >= 1.0x without bfloat16 instructions, >= 1.5x with them; float32
+    fwd+bwd >= 1.2x whatever the CPU; the 80% ceiling target reads torch.mm's GFLOP/s."""
+    _, _, _, targets, workloads = _bench_modules()
+    cases, ceiling = _core_cases(speedup, 0.85)
+    data = {
+        "cases": cases,
+        "ceiling": ceiling,
+        "memory": [],
+        "memory_scan_keys": [],
+        "metadata": {"cpu_flags": flags},
+    }
+    found = {t["target"]: t for t in targets.evaluate_targets(data, [workloads.GROUPS["core"]])}
+    issue16 = {name: t for name, t in found.items() if "issue 16" in name}
+    native = "avx512_bf16" in flags
+    bf16 = [t for name, t in issue16.items() if name.startswith("bfloat16: ")]
+    fp32 = [t for name, t in issue16.items() if not name.startswith("bfloat16: ")]
+    assert len(bf16) == 2 and len(fp32) == 2  # fwd and fwd+bwd; fwd+bwd ratio and ceiling
+    for t in bf16:
+        assert t["threshold"] == (1.5 if native else 1.0)
+        assert t["status"] == ("PASS" if speedup >= t["threshold"] else "MISS")
+        assert {c["head_dim"] for c in t["cases"]} == {64, 128}
+    ratio, ceiling_target = sorted(fp32, key=lambda t: t.get("unit") == "of mm")
+    assert ratio["status"] == ("PASS" if speedup >= 1.2 else "MISS")
+    assert ceiling_target["status"] == "PASS"
+    assert ceiling_target["worst"] == pytest.approx(0.85)
+
+
+def test_issue16_layer_memory_target() -> None:
+    """The layer peak at L=8192 from the memory scan: torch_mha / nn(need_weights=False)."""
+    _, _, _, targets, workloads = _bench_modules()
+
+    def record(contender: str, length: int, peak: float) -> dict:
+        w = workloads.Workload("layer", "float32", 512, 8, length, 1, False, 2)
+        return {
+            "workload_key": w.key(),
+            "workload": w.to_dict(),
+            "contender": contender,
+            "mode": "train",
+            "aten_peak_bytes": peak,
+        }
+
+    for ours, expected in ((140.0, "PASS"), (150.0, "MISS")):
+        memory = [record("nn_nw", 8192, 146.0), record("ours_nw", 8192, ours)]
+        memory += [record("nn_nw", 4096, 73.0), record("ours_nw", 4096, 70.0)]
+        data = {"memory": memory, "memory_scan_keys": [m["workload_key"] for m in memory]}
+        t = targets.layer_memory_target(data)
+        assert t["status"] == expected and t["worst"] == pytest.approx(ours / 146.0)
+    # Without the L=8192 point, not measured.
+    data = {"memory": memory[2:], "memory_scan_keys": [m["workload_key"] for m in memory]}
+    assert targets.layer_memory_target(data)["status"] == "not measured"

@@ -416,7 +416,7 @@ GROUP_TABLES: Dict[str, TableBuilder] = {
 
 
 def targets_text(data: Dict[str, Any]) -> str:
-    lines = ["Targets (issues #5, #14 and #15)", "--------------------------------"]
+    lines = ["Targets (issues #5, #14, #15 and #16)", "------------------------------------"]
     for tg in data["targets"]:
         lines.append(f"{tg['status']:>12}  {tg['target']} ({_fmt_threshold(tg)})")
         if tg["status"] != "not measured":
@@ -425,7 +425,7 @@ def targets_text(data: Dict[str, Any]) -> str:
 
 
 def _fmt_threshold(tg: Dict[str, Any]) -> str:
-    if "series" in tg:
+    if "series" in tg or tg.get("unit") == "peak ratio":
         return f"<= {tg['threshold']}"
     if tg.get("unit") == "of mm":
         return f">= {tg['threshold'] * 100:.0f}%"
@@ -447,6 +447,12 @@ def describe_target(tg: Dict[str, Any]) -> str:
                 f"{rss_text}; ratios {ratios}"
             )
         return "; ".join(parts)
+    if tg.get("unit") == "peak ratio":
+        peaks = tg["peaks_bytes"]
+        return (
+            f"{tg['worst']:.3f}x (torch_mha {peaks['ours_nw'] / MIB:.1f} MiB, "
+            f"nn {peaks['nn_nw'] / MIB:.1f} MiB)"
+        )
     if tg.get("unit") == "of mm":
         cells = [
             f"{c['ratio'] * 100:.0f}%@{c['length']}"

@@ -1,4 +1,4 @@
-"""The performance targets (issue #5) and their PASS/MISS rules.
+"""The performance targets (issues #5, #14, #15, #16) and their PASS/MISS rules.
 
 A group declares its targets in its registration (workloads.py) with the rules here:
 
@@ -11,8 +11,10 @@ A group declares its targets in its registration (workloads.py) with the rules h
   and thread count (the ceiling measured in the same run), must reach the threshold.
 
 `evaluate_targets` checks the targets of the run's groups (--groups) for float32 and for
-bfloat16 (with a "bfloat16: " prefix), in registration order, then the linear-memory target of
-the memory scan.
+bfloat16 (with a "bfloat16: " prefix; a target may name the dtypes it holds for, and a higher
+bfloat16 threshold for CPUs with bfloat16 instructions), in registration order, then the
+linear-memory target of the memory scan and, when the layer group was scanned, issue 16's
+layer peak at L = 8192 against nn.MultiheadAttention(need_weights=False).
 A target no case matches is "not measured".
 """
 
@@ -25,6 +27,24 @@ if TYPE_CHECKING:
 
 TARGET_DTYPES = ("float32", "bfloat16")
 MEMORY_RATIO = 2.5  # successive-length peak ratio of the memory scan: linear 2, quadratic 4
+# Issue 16: a layer training step's peak at this length, torch_mha over nn(need_weights=False).
+LAYER_MEMORY_LENGTH = 8192
+LAYER_MEMORY_RATIO = 1.0
+# CPU flags (as machine.py records them) that give bfloat16 products their own instructions;
+# issue 16's bfloat16 targets are higher on such CPUs.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def has_native_bf16(data: Dict[str, Any]) -> bool:
+    flags = data.get("metadata", {}).get("cpu_flags", [])
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def threshold_for(target: "RatioTarget", data: Dict[str, Any]) -> float:
+    """The target's threshold on the machine the run's data comes from."""
+    if target.native_bf16_threshold is not None and has_native_bf16(data):
+        return target.native_bf16_threshold
+    return target.threshold
 
 
 @dataclass(frozen=True)
@@ -41,6 +61,9 @@ class RatioTarget:
     threads: Optional[int] = 2
     causal: Optional[bool] = None
     where: Tuple[Tuple[str, Any], ...] = ()
+    dtypes: Tuple[str, ...] = TARGET_DTYPES  # the dtypes it is checked for
+    # The threshold on CPUs with bfloat16 instructions (NATIVE_BF16_FLAGS), if different.
+    native_bf16_threshold: Optional[float] = None
 
 
 _MISSING = object()
@@ -74,6 +97,7 @@ class CeilingTarget:
     phase: str
     threshold: float
     min_length: int = 0
+    dtypes: Tuple[str, ...] = TARGET_DTYPES
 
 
 def ceiling_gflops(data: Dict[str, Any], dtype: str, threads: int) -> Optional[float]:
@@ -104,7 +128,7 @@ def _ratio_target(
         if s is None or phase not in s:
             continue
         rows.append((s[phase], case))
-    return _verdict(name, target.threshold, rows, "x")
+    return _verdict(name, threshold_for(target, data), rows, "x")
 
 
 def _ceiling_target(
@@ -166,6 +190,8 @@ def evaluate_targets(data: Dict[str, Any], groups: Iterable["GroupSpec"]) -> Lis
         prefix = "" if dtype == "float32" else "bfloat16: "
         for spec in groups:
             for tg in spec.targets:
+                if dtype not in tg.dtypes:
+                    continue
                 if isinstance(tg, CeilingTarget):
                     targets.append(_ceiling_target(data, prefix + tg.name, spec.name, tg, dtype))
                 else:
@@ -173,17 +199,20 @@ def evaluate_targets(data: Dict[str, Any], groups: Iterable["GroupSpec"]) -> Lis
     series = [(spec.name, spec.scan["ours"][0]) for spec in groups if spec.scan is not None]
     if series:
         targets.append(memory_target(data, series))
+    if any(spec.name == "layer" and spec.scan is not None for spec in groups):
+        targets.append(layer_memory_target(data))
     return targets
 
 
 def plot_targets(groups: Iterable["GroupSpec"]) -> Dict[Tuple[str, str, str], float]:
-    """(group, phase, pair label) -> speed-up threshold, for the guides drawn on the plot."""
-    return {
-        (spec.name, tg.phase, tg.pair): tg.threshold
-        for spec in groups
-        for tg in spec.targets
-        if isinstance(tg, RatioTarget)
-    }
+    """(group, phase, pair label) -> speed-up threshold, for the guides drawn on the plot: the
+    first float32 target of each."""
+    guides: Dict[Tuple[str, str, str], float] = {}
+    for spec in groups:
+        for tg in spec.targets:
+            if isinstance(tg, RatioTarget) and "float32" in tg.dtypes:
+                guides.setdefault((spec.name, tg.phase, tg.pair), tg.threshold)
+    return guides
 
 
 def memory_scan_series(data: Dict[str, Any], group: str, contender: str) -> List[Dict[str, Any]]:
@@ -245,4 +274,37 @@ def memory_target(data: Dict[str, Any], groups: Iterable[Tuple[str, str]]) -> Di
         "status": "PASS" if worst <= MEMORY_RATIO else "MISS",
         "worst": worst,
         "series": series,
+    }
+
+
+def layer_memory_target(data: Dict[str, Any]) -> Dict[str, Any]:
+    """Issue 16: the layer training step's peak at L = LAYER_MEMORY_LENGTH, torch_mha over
+    nn.MultiheadAttention(need_weights=False), from the memory scan (--memory-scan linear or
+    all, with that length in --memory-lengths)."""
+    name = (
+        f"layer training step peak memory at L={LAYER_MEMORY_LENGTH}, torch_mha / nn "
+        "need_weights=False (issue 16, batch-1 scan, float32)"
+    )
+    peaks = {}
+    for contender in ("ours_nw", "nn_nw"):
+        for m in memory_scan_series(data, "layer", contender):
+            if m["workload"]["length"] == LAYER_MEMORY_LENGTH and m["workload"]["dtype"] == (
+                "float32"
+            ):
+                peaks[contender] = m["aten_peak_bytes"]
+    if len(peaks) < 2 or peaks["nn_nw"] <= 0:
+        return {
+            "target": name,
+            "threshold": LAYER_MEMORY_RATIO,
+            "unit": "peak ratio",
+            "status": "not measured",
+        }
+    ratio = peaks["ours_nw"] / peaks["nn_nw"]
+    return {
+        "target": name,
+        "threshold": LAYER_MEMORY_RATIO,
+        "unit": "peak ratio",
+        "status": "PASS" if ratio <= LAYER_MEMORY_RATIO else "MISS",
+        "worst": ratio,
+        "peaks_bytes": peaks,
     }

@@ -55,6 +55,7 @@ PHASE_NAMES = {
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5, "infer": 1.0}
 SMALL = dict(length=32, batch=8, embed=256, heads=8)
 MM_FLOOR = 0.5  # target: core fwd+bwd GFLOP/s >= 50% of torch.mm's
+MM_CEILING_TARGET = 0.8  # issue 16's: >= 80%
 
 # Contender names -> labels; filled by register() from the groups' specs.
 LABELS: Dict[str, str] = {}
@@ -713,6 +714,41 @@ register(
                 "fwdbwd",
                 MM_FLOOR,
                 min_length=2048,
+            ),
+            # Issue 16: the CPU at its limit. The bfloat16 thresholds depend on the machine:
+            # 1.5x where the CPU has bfloat16 instructions (AMX or AVX512-BF16), else 1.0x.
+            RatioTarget(
+                "core forward vs F.sdpa (issue 16: >= 1.5x with AMX or AVX512-BF16, >= 1.0x "
+                "without), " + L_1024_4096,
+                "fwd",
+                "F.sdpa",
+                1.0,
+                dtypes=("bfloat16",),
+                native_bf16_threshold=1.5,
+            ),
+            RatioTarget(
+                "core fwd+bwd vs F.sdpa (issue 16: >= 1.5x with AMX or AVX512-BF16, >= 1.0x "
+                "without), " + L_1024_4096,
+                "fwdbwd",
+                "F.sdpa",
+                1.0,
+                dtypes=("bfloat16",),
+                native_bf16_threshold=1.5,
+            ),
+            RatioTarget(
+                "core fwd+bwd vs F.sdpa (issue 16), " + L_1024_4096,
+                "fwdbwd",
+                "F.sdpa",
+                1.2,
+                dtypes=("float32",),
+            ),
+            CeilingTarget(
+                "core fwd+bwd GFLOP/s / torch.mm GFLOP/s (issue 16), L >= 2048",
+                "ours",
+                "fwdbwd",
+                MM_CEILING_TARGET,
+                min_length=2048,
+                dtypes=("float32",),
             ),
         ),
     )
