@@ -211,7 +211,7 @@ SHORT_BLOCKS = [(1, 1), (1, 300), (1, 1000), (3, 200), (16, 129), (17, 64)]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES[:3], ids=dtype_id)
-@pytest.mark.parametrize("ratio", [2, 4, 8, 16])
+@pytest.mark.parametrize("ratio", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("ls", SHORT_BLOCKS, ids=lambda x: f"L{x[0]}_S{x[1]}")
 def test_short_query_blocks_with_grouped_heads(
     ls: Tuple[int, int], ratio: int, dtype: torch.dtype, device: str
@@ -219,7 +219,8 @@ def test_short_query_blocks_with_grouped_heads(
     """Decoding and short chunks (L <= 16) put the query heads of a group side by side in one
     score tile (and long S also splits the keys): every modifier and mask must still reach each
     head's own columns and no other. ALiBi slopes per batch and head and per-head float masks
-    make every column different."""
+    make every column different. Without groups (ratio 1), a lone query is scored by dot
+    products instead."""
     l, s = ls
     h = 2 * ratio
     torch.manual_seed(100 * ratio + l)
@@ -245,11 +246,12 @@ def test_short_query_blocks_with_grouped_heads(
             assert_close(stats, alone_stats, stats_tol(dtype))
 
 
+@pytest.mark.parametrize("ratio", [1, 4])
 @pytest.mark.parametrize("l", [1, 5])
-def test_short_query_blocks_dropout(l: int, device: str) -> None:
-    """Dropout on stacked heads: each head's keep mask is its own (read off the per-head
-    weights, which the kernel computes one head at a time)."""
-    p, s, ratio = 0.3, 300, 4
+def test_short_query_blocks_dropout(l: int, ratio: int, device: str) -> None:
+    """Dropout on stacked heads and on lone queries scored as a row: each head's keep mask is
+    its own (read off the per-head weights, which the kernel computes one head at a time)."""
+    p, s = 0.3, 300
     q, k, v = make_problem(2, 2 * ratio, 2, l, s, 8, 8, torch.float64, device)
     kw = _to(modifier_cases(2 * ratio, 2)["everything"], device, torch.float64)
     out, _, w = core_forward(q, k, v, dropout_p=p, seed=5, **kw)

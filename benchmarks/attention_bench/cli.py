@@ -202,6 +202,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     serving.add_argument("--decode-batches", default="1,4", help="decode: batches (default 1,4)")
     serving.add_argument(
+        "--decode-kv-heads",
+        type=int,
+        default=None,
+        help="decode: key/value heads under the 32 query heads (default 8; 32: no grouping; "
+        "the target holds at 8)",
+    )
+    serving.add_argument(
         "--hf-model",
         default="demo",
         choices=("demo", "tiny"),

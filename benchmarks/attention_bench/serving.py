@@ -113,12 +113,12 @@ class DecodeBench:
 
 def plan_decode(args: argparse.Namespace, threads: int, dtype: str) -> List[Workload]:
     """--decode-lengths (1024, 4096, 16384 keys after the append) x --decode-batches (1, 4),
-    32 query heads on 8 key/value heads of 128."""
+    32 query heads on --decode-kv-heads (8) key/value heads of 128."""
     h, d = DECODE["heads"], DECODE["head_dim"]
+    kv_heads = int(getattr(args, "decode_kv_heads", None) or DECODE["kv_heads"])
     return [
         Workload(
-            "decode", dtype, h * d, h, length, batch, False, threads,
-            (("kv_heads", DECODE["kv_heads"]),),
+            "decode", dtype, h * d, h, length, batch, False, threads, (("kv_heads", kv_heads),),
         )
         for batch in getattr(args, "decode_batches", None) or DECODE["batches"]
         for length in getattr(args, "decode_lengths", None) or DECODE["lengths"]

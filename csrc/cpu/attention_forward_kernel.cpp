@@ -87,6 +87,7 @@ class QueryBlockAccumulator {
         value_dim_padded_(round_up(p.value_dim, kWidth)),
         qt_ld_(conflict_free_row_stride<acc_t>(ld_)),
         qt_(tiles_ * p.head_dim * qt_ld_),
+        query_rows_(stacked_ ? 0 : tiles_ * p.head_dim),
         acc_(tiles_ * ld_ * value_dim_padded_),
         m_(tiles_ * ld_),
         l_(tiles_ * ld_),
@@ -106,10 +107,16 @@ class QueryBlockAccumulator {
     head_stride_ = stacked_ ? block.rows : ld_;
     const int64_t panel_rows = stacked_ ? block.rows : block.padded_rows;
     for (int64_t g = 0; g < heads; ++g) {
+      const scalar_t* query = p_.query.row<const scalar_t>(seq.batch, first_head + g, block.q0);
+      if (!stacked_ && block.rows == 1) {
+        // One query of its own: scored by dot products (add_keys), as a row.
+        pack_rows(query, p_.query.stride_row, 1, p_.head_dim, static_cast<acc_t>(p_.scale),
+                  query_rows_.data() + g * p_.head_dim, p_.head_dim);
+        continue;
+      }
       acc_t* panel = stacked_ ? qt_.data() + g * block.rows : qt_.data() + g * p_.head_dim * qt_ld_;
-      pack_transposed(p_.query.row<const scalar_t>(seq.batch, first_head + g, block.q0),
-                      p_.query.stride_row, block.rows, p_.head_dim, static_cast<acc_t>(p_.scale),
-                      panel, qt_ld_, panel_rows);
+      pack_transposed(query, p_.query.stride_row, block.rows, p_.head_dim,
+                      static_cast<acc_t>(p_.scale), panel, qt_ld_, panel_rows);
     }
     if (stacked_) {
       const int64_t used = heads * block.rows;
@@ -147,8 +154,24 @@ class QueryBlockAccumulator {
                              acc_.data());
       return;
     }
+    const RowsOperand<acc_t> key_rows =
+        rows == 1 ? rows_operand(keys, p_.key.stride_row, cols, p_.head_dim, k_buffer_)
+                  : RowsOperand<acc_t>{nullptr, 0};
     for (int64_t g = 0; g < heads_; ++g) {
       const int64_t h = first_head_ + g;
+      if (rows == 1) {
+        // The scores as a row (ld 1): the softcap sees them as one row of whole vectors.
+        single_query_scores(key_rows.data, key_rows.ld, cols, p_.head_dim,
+                            query_rows_.data() + g * p_.head_dim, st);
+        transform_.apply_softcap(1, round_up(cols, kWidth), st, 0, static_cast<acc_t*>(nullptr));
+        transform_.apply_head_terms(*seq_, h, q0, 1, k0, cols, st, 1);
+        if (dropout_.enabled) {
+          dropout_.tile_factors(b, h, q0, 1, k0, cols, factors_.data(), 1);
+        }
+        single_query_softmax_and_accumulate(cols, values, m_.data() + g * ld_, l_.data() + g * ld_,
+                                            acc_.data() + g * ld_ * value_dim_padded_);
+        continue;
+      }
       block_matmul<acc_t, scalar_t>(cols, block_->padded_rows, p_.head_dim, keys, p_.key.stride_row,
                                     1, qt_.data() + g * p_.head_dim * qt_ld_, qt_ld_, st, ld_,
                                     /*accumulate=*/false);
@@ -215,6 +238,30 @@ class QueryBlockAccumulator {
                                acc, value_dim_padded_, /*accumulate=*/true);
   }
 
+  // The same for a single query whose scores st_ holds as a row: max, exponentials and sum
+  // along the keys.
+  void single_query_softmax_and_accumulate(int64_t cols, const RowsOperand<acc_t>& values, acc_t* m,
+                                           acc_t* l, acc_t* acc) {
+    acc_t* scores = st_.data();
+    const acc_t block_max = at::vec::reduce_all<acc_t>(
+        [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, scores, cols);
+    const acc_t rescale = online_softmax_update_max(m[0], block_max);
+    const Vec offset(softmax_exp_offset(m[0]));
+    at::vec::map([offset](Vec x) { return exp_vec(x - offset); }, scores, scores, cols);
+    const acc_t sum =
+        at::vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, scores, cols);
+    l[0] = l[0] * rescale + sum;
+    if (rescale != acc_t(1)) {
+      at::vec::map([rescale](Vec x) { return x * Vec(rescale); }, acc, acc, value_dim_padded_);
+    }
+    if (dropout_.enabled) {
+      // The running sum above uses the undropped probabilities; only P V sees the mask.
+      at::vec::map2([](Vec x, Vec f) { return x * f; }, scores, scores, factors_.data(), cols);
+    }
+    block_matmul<acc_t, acc_t>(1, value_dim_padded_, cols, scores, cols, 1, values.data, values.ld,
+                               acc, value_dim_padded_, /*accumulate=*/true);
+  }
+
   const AttentionParams& p_;
   const ScoreTransform transform_;
   const DropoutConfig dropout_;
@@ -224,11 +271,11 @@ class QueryBlockAccumulator {
   const int64_t value_dim_padded_;
   const int64_t qt_ld_;  // Q^T rows: the B operand of S^T = K Q^T
   // Written before they are read: no need to clear them per call.
-  UninitializedBuffer<acc_t> qt_, acc_, m_, l_, st_;
+  UninitializedBuffer<acc_t> qt_, query_rows_, acc_, m_, l_, st_;
   std::vector<acc_t> factors_;  // padding columns stay 0
   // Per query: the block's max, exp offset, rescale factor, column sum.
   UninitializedBuffer<acc_t> block_max_, offset_, rescale_, block_sum_;
-  std::vector<acc_t> v_buffer_;
+  std::vector<acc_t> k_buffer_, v_buffer_;
   const Sequence* seq_ = nullptr;
   const QueryBlock* block_ = nullptr;
   int64_t first_head_ = 0;

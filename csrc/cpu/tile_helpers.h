@@ -162,6 +162,29 @@ RowsOperand<acc_t> rows_operand(const scalar_t* src, int64_t src_row_stride, int
   return {packed, ld};
 }
 
+// The scores of a single query against the keys of a tile: scores[j] = k_j . q (float key
+// rows key_stride apart). A query block of one row would fill one lane of every vector of the
+// K (scale Q)^T product and of the softmax that follows: dot products along the head dim, and
+// a softmax along the keys, use them all.
+template <typename acc_t>
+void single_query_scores(const acc_t* keys, int64_t key_stride, int64_t cols, int64_t dim,
+                         const acc_t* query, acc_t* scores) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t vector_end = dim - dim % Vec::size();
+  for (int64_t j = 0; j < cols; ++j) {
+    const acc_t* key = keys + j * key_stride;
+    Vec sum(acc_t(0));
+    for (int64_t d = 0; d < vector_end; d += Vec::size()) {
+      sum = at::vec::fmadd(Vec::loadu(key + d), Vec::loadu(query + d), sum);
+    }
+    acc_t dot = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum);
+    for (int64_t d = vector_end; d < dim; ++d) {
+      dot += key[d] * query[d];
+    }
+    scores[j] = dot;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void store_row(const acc_t* src, int64_t count, acc_t multiplier, scalar_t* dst) {
   for (int64_t c = 0; c < count; ++c) {
