@@ -1,10 +1,12 @@
 // Fused (flash-style) attention forward on the CPU, and the attention weights; one build per
 // vector ISA (see cpu/attention_kernels.h).
 //
-// Work items are (batch, key/value head, up to kMaxHeadsPerItem of its query heads, block of
+// Work items are (batch, key/value head, a chunk of its query heads (HeadChunks), block of
 // queries). For each block of keys the item may see: S^T = K (scale Q)^T, the score modifiers
 // and masks (ScoreTransform), online softmax per query (running max m and sum l), O += P V.
-// The query heads of a grouped-query group share each key and value tile while it is in cache.
+// The query heads of a grouped-query group share each key and value tile while it is in cache;
+// in short blocks (decoding) they sit side by side as the columns of one score tile, and a lone
+// query of a head without a group is scored as a row, so that neither fills one lane in eight.
 // A problem of one query block with too few such items (decoding with a KV cache, short
 // prefills) also splits its keys and combines the ranges through their log-sum-exp, so that one
 // token with a small batch x heads still uses every core. Memory is O(L): the L x S
@@ -132,56 +134,16 @@ class QueryBlockAccumulator {
 
   // Folds keys [k0, k0 + cols) of key/value head kv_head into every head's state.
   void add_keys(int64_t kv_head, int64_t k0, int64_t cols) {
-    const int64_t b = seq_->batch, q0 = block_->q0, rows = block_->rows;
-    const scalar_t* keys = p_.key.row<const scalar_t>(b, kv_head, k0);
+    const scalar_t* keys = p_.key.row<const scalar_t>(seq_->batch, kv_head, k0);
     const RowsOperand<acc_t> values =
-        rows_operand(p_.value.row<const scalar_t>(b, kv_head, k0), p_.value.stride_row, cols,
-                     p_.value_dim, v_buffer_);
-    acc_t* st = st_.data();
+        rows_operand(p_.value.row<const scalar_t>(seq_->batch, kv_head, k0), p_.value.stride_row,
+                     cols, p_.value_dim, v_buffer_);
     if (stacked_) {
-      const int64_t columns = stacked_columns();
-      block_matmul<acc_t, scalar_t>(cols, columns, p_.head_dim, keys, p_.key.stride_row, 1,
-                                    qt_.data(), qt_ld_, st, ld_, /*accumulate=*/false);
-      transform_.apply_softcap(cols, columns, st, ld_, static_cast<acc_t*>(nullptr));
-      for (int64_t g = 0; g < heads_; ++g) {
-        transform_.apply_head_terms(*seq_, first_head_ + g, q0, rows, k0, cols, st + g * rows, ld_);
-        if (dropout_.enabled) {
-          dropout_.tile_factors(b, first_head_ + g, q0, rows, k0, cols, factors_.data() + g * rows,
-                                ld_);
-        }
-      }
-      softmax_and_accumulate(heads_ * rows, columns, cols, values, m_.data(), l_.data(),
-                             acc_.data());
-      return;
-    }
-    const RowsOperand<acc_t> key_rows =
-        rows == 1 ? rows_operand(keys, p_.key.stride_row, cols, p_.head_dim, k_buffer_)
-                  : RowsOperand<acc_t>{nullptr, 0};
-    for (int64_t g = 0; g < heads_; ++g) {
-      const int64_t h = first_head_ + g;
-      if (rows == 1) {
-        // The scores as a row (ld 1): the softcap sees them as one row of whole vectors.
-        single_query_scores(key_rows.data, key_rows.ld, cols, p_.head_dim,
-                            query_rows_.data() + g * p_.head_dim, st);
-        transform_.apply_softcap(1, round_up(cols, kWidth), st, 0, static_cast<acc_t*>(nullptr));
-        transform_.apply_head_terms(*seq_, h, q0, 1, k0, cols, st, 1);
-        if (dropout_.enabled) {
-          dropout_.tile_factors(b, h, q0, 1, k0, cols, factors_.data(), 1);
-        }
-        single_query_softmax_and_accumulate(cols, values, m_.data() + g * ld_, l_.data() + g * ld_,
-                                            acc_.data() + g * ld_ * value_dim_padded_);
-        continue;
-      }
-      block_matmul<acc_t, scalar_t>(cols, block_->padded_rows, p_.head_dim, keys, p_.key.stride_row,
-                                    1, qt_.data() + g * p_.head_dim * qt_ld_, qt_ld_, st, ld_,
-                                    /*accumulate=*/false);
-      transform_.apply(*seq_, h, q0, rows, block_->padded_rows, k0, cols, st, ld_,
-                       static_cast<acc_t*>(nullptr));
-      if (dropout_.enabled) {
-        dropout_.tile_factors(b, h, q0, rows, k0, cols, factors_.data(), ld_);
-      }
-      softmax_and_accumulate(rows, block_->padded_rows, cols, values, m_.data() + g * ld_,
-                             l_.data() + g * ld_, acc_.data() + g * ld_ * value_dim_padded_);
+      add_keys_stacked(keys, values, k0, cols);
+    } else if (block_->rows == 1) {
+      add_keys_single_query(keys, values, k0, cols);
+    } else {
+      add_keys_per_head(keys, values, k0, cols);
     }
   }
 
@@ -194,6 +156,68 @@ class QueryBlockAccumulator {
 
  private:
   int64_t stacked_columns() const { return round_up(heads_ * block_->rows, kWidth); }
+
+  // Every head of the item in one tile: head g's scores are columns [g * rows, (g + 1) * rows).
+  void add_keys_stacked(const scalar_t* keys, const RowsOperand<acc_t>& values, int64_t k0,
+                        int64_t cols) {
+    const int64_t b = seq_->batch, q0 = block_->q0, rows = block_->rows;
+    const int64_t columns = stacked_columns();
+    acc_t* st = st_.data();
+    block_matmul<acc_t, scalar_t>(cols, columns, p_.head_dim, keys, p_.key.stride_row, 1,
+                                  qt_.data(), qt_ld_, st, ld_, /*accumulate=*/false);
+    transform_.apply_softcap(cols, columns, st, ld_, static_cast<acc_t*>(nullptr));
+    for (int64_t g = 0; g < heads_; ++g) {
+      transform_.apply_head_terms(*seq_, first_head_ + g, q0, rows, k0, cols, st + g * rows, ld_);
+      if (dropout_.enabled) {
+        dropout_.tile_factors(b, first_head_ + g, q0, rows, k0, cols, factors_.data() + g * rows,
+                              ld_);
+      }
+    }
+    softmax_and_accumulate(heads_ * rows, columns, cols, values, m_.data(), l_.data(), acc_.data());
+  }
+
+  // One query per head, heads in turn: the scores as a row (ld 1), which the softcap sees as
+  // one row of whole vectors.
+  void add_keys_single_query(const scalar_t* keys, const RowsOperand<acc_t>& values, int64_t k0,
+                             int64_t cols) {
+    const int64_t b = seq_->batch, q0 = block_->q0;
+    const RowsOperand<acc_t> key_rows =
+        rows_operand(keys, p_.key.stride_row, cols, p_.head_dim, k_buffer_);
+    acc_t* scores = st_.data();
+    for (int64_t g = 0; g < heads_; ++g) {
+      const int64_t h = first_head_ + g;
+      single_query_scores(key_rows.data, key_rows.ld, cols, p_.head_dim,
+                          query_rows_.data() + g * p_.head_dim, scores);
+      transform_.apply_softcap(1, round_up(cols, kWidth), scores, 0, static_cast<acc_t*>(nullptr));
+      transform_.apply_head_terms(*seq_, h, q0, 1, k0, cols, scores, 1);
+      if (dropout_.enabled) {
+        dropout_.tile_factors(b, h, q0, 1, k0, cols, factors_.data(), 1);
+      }
+      single_query_softmax_and_accumulate(cols, values, m_.data() + g * ld_, l_.data() + g * ld_,
+                                          acc_.data() + g * ld_ * value_dim_padded_);
+    }
+  }
+
+  // Each head on its own tile of the block's rows, heads in turn (they share the key and value
+  // tiles while those are in cache).
+  void add_keys_per_head(const scalar_t* keys, const RowsOperand<acc_t>& values, int64_t k0,
+                         int64_t cols) {
+    const int64_t b = seq_->batch, q0 = block_->q0, rows = block_->rows;
+    acc_t* st = st_.data();
+    for (int64_t g = 0; g < heads_; ++g) {
+      const int64_t h = first_head_ + g;
+      block_matmul<acc_t, scalar_t>(cols, block_->padded_rows, p_.head_dim, keys, p_.key.stride_row,
+                                    1, qt_.data() + g * p_.head_dim * qt_ld_, qt_ld_, st, ld_,
+                                    /*accumulate=*/false);
+      transform_.apply(*seq_, h, q0, rows, block_->padded_rows, k0, cols, st, ld_,
+                       static_cast<acc_t*>(nullptr));
+      if (dropout_.enabled) {
+        dropout_.tile_factors(b, h, q0, rows, k0, cols, factors_.data(), ld_);
+      }
+      softmax_and_accumulate(rows, block_->padded_rows, cols, values, m_.data() + g * ld_,
+                             l_.data() + g * ld_, acc_.data() + g * ld_ * value_dim_padded_);
+    }
+  }
 
   // One key block of the online softmax for the score tile in st_ (`columns` queries, the
   // first `used` of them real): running max m, sum l, and acc += P V, element-wise over the
