@@ -9,7 +9,9 @@ torch_mha's own generator (seeded from PyTorch's default one: torch.manual_seed 
 runs), and a query whose keys are all masked gets zeros (as SDPA does on CPU in recent torch).
 
 Inputs torch_mha does not take (integer dtypes, mismatched shapes, bad masks, ...) are handed to
-F.scaled_dot_product_attention itself, so the caller gets exactly its error.
+F.scaled_dot_product_attention itself, so the caller gets exactly its error. One exception: key
+and value of different lengths raise here, where SDPA's CPU kernel returns numbers read past the
+end of key.
 """
 
 from typing import List, Optional
@@ -133,6 +135,16 @@ def scaled_dot_product_attention(
     (True = attend) or float (added), broadcastable to (..., L, S). is_causal: query i attends
     keys 0..i (top-left). enable_gqa: key/value may have fewer heads (dim -3) than the query.
     """
+    if key.dim() >= 2 and value.dim() >= 2 and key.shape[-2] != value.shape[-2]:
+        # F.sdpa's CPU kernel (torch 2.13) lets this through and reads past the end of key: its
+        # result changes from call to call for the same values.
+        raise RuntimeError(
+            "torch_mha.scaled_dot_product_attention: key and value must have the same length "
+            "(dim -2), but got key length "
+            + str(key.shape[-2])
+            + " and value length "
+            + str(value.shape[-2])
+        )
     batch: Optional[List[int]] = None
     if _supported(query, key, value, attn_mask, dropout_p, is_causal):
         batch = _batch_shape(query, key, value, attn_mask, enable_gqa)
