@@ -232,13 +232,13 @@ def test_short_query_blocks_with_grouped_heads(
         "sinks": torch.randn(h, dtype=torch.float64),
     }
     masks = (randn(h, l, s, dtype=dtype, device=device), (torch.rand(2, s) < 0.2).to(device))
+    kr, vr = k.repeat_interleave(ratio, 1), v.repeat_interleave(ratio, 1)
     for kw in ({}, _to(modifiers, device, dtype)):
         for attn_mask, kpm in ((None, None), masks):
             out, stats, _ = core_forward(q, k, v, attn_mask, kpm, need_weights=False, **kw)
             ref_out, _ = reference(q, k, v, attn_mask, kpm, **kw)
             assert_close(out, ref_out, forward_tol(dtype), f"{sorted(kw)} masks={kpm is not None}")
             # The heads of a group, one at a time: the same rows.
-            kr, vr = k.repeat_interleave(ratio, 1), v.repeat_interleave(ratio, 1)
             alone, alone_stats, _ = core_forward(
                 q, kr, vr, attn_mask, kpm, need_weights=False, **kw
             )

@@ -63,9 +63,12 @@ struct HeadChunks {
   int64_t heads_in(int64_t kv_head, int64_t chunk) const {
     return std::min(heads_per_item, (kv_head + 1) * group - first_head(kv_head, chunk));
   }
-  // Score-tile columns an item uses (whole vectors).
+  // Score-tile columns an item uses (whole vectors): per tile, and over its tiles.
   int64_t columns(int64_t width) const {
     return stacked ? round_up(heads_per_item * rows, width) : round_up(rows, width);
+  }
+  int64_t columns_per_item(int64_t width) const {
+    return (stacked ? 1 : heads_per_item) * columns(width);
   }
 };
 
@@ -331,8 +334,8 @@ void attention_forward_typed(const AttentionParams& p) {
   const int64_t query_blocks = (p.query_len + kBlockQ - 1) / kBlockQ;
   const HeadChunks chunks(p);
   const int64_t items = p.batch * p.kv_heads * chunks.count * query_blocks;
-  const int64_t work_per_item = (chunks.stacked ? 1 : chunks.heads_per_item) *
-                                chunks.columns(kWidth) * p.key_len * (p.head_dim + p.value_dim);
+  const int64_t work_per_item =
+      chunks.columns_per_item(kWidth) * p.key_len * (p.head_dim + p.value_dim);
 
   parallel_over_items(items, work_per_item, [&](const auto& claim) {
     QueryBlockAccumulator<scalar_t> state(p, chunks);
@@ -393,9 +396,8 @@ void attention_forward_split_typed(const AttentionParams& p, int64_t splits) {
            ((split * p.batch + b) * p.heads * p.query_len + h * p.query_len + i) * partial_size;
   };
 
-  const int64_t work_per_item = (chunks.stacked ? 1 : chunks.heads_per_item) *
-                                chunks.columns(kWidth) * (p.key_len / splits) *
-                                (p.head_dim + p.value_dim);
+  const int64_t work_per_item =
+      chunks.columns_per_item(kWidth) * (p.key_len / splits) * (p.head_dim + p.value_dim);
   parallel_over_items(items, work_per_item, [&](const auto& claim) {
     QueryBlockAccumulator<scalar_t> state(p, chunks);
     for (int64_t item = claim(); item < items; item = claim()) {
