@@ -14,6 +14,7 @@
 
 #include "attention_args.h"
 #include "backend_selection.h"
+#include "cpu/reduced_products.h"
 #include "torch_mha.h"
 
 namespace torch_mha {
@@ -74,6 +75,10 @@ TORCH_LIBRARY(torch_mha, m) {
       "bool backward, bool mask_grad, int device_major, int device_minor, bool deterministic, "
       "str requested) -> (str backend, str[] candidates, str[] reasons)",
       &explain_cuda_backend);
+  m.def(
+      "_explain_cpu_products(ScalarType dtype, str requested, int[]? machine=None) "
+      "-> (str engine, str reason)",
+      &cpu::explain_cpu_products);
   m.def("_cuda_version() -> int", &cuda_version);
   m.def("_cpu_capability() -> str", &cpu_capability);
   m.def("_build_info() -> str", &build_info);

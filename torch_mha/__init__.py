@@ -10,7 +10,7 @@ from ._library import load_library as _load_library
 library_path: str = _load_library()
 
 from . import functional  # noqa: E402
-from .backends import BackendChoice, explain  # noqa: E402
+from .backends import BackendChoice, CpuProductsChoice, explain, explain_cpu  # noqa: E402
 from .functional import (  # noqa: E402
     attention,
     attention_with_kvcache,
@@ -40,6 +40,7 @@ def cuda_version() -> int:
 __all__ = [
     "AttentionConfig",
     "BackendChoice",
+    "CpuProductsChoice",
     "MultiheadAttention",
     "SwapReport",
     "SwappedAttention",
@@ -47,6 +48,7 @@ __all__ = [
     "attention_with_kvcache",
     "cuda_version",
     "explain",
+    "explain_cpu",
     "functional",
     "library_path",
     "multi_head_attention_forward",

@@ -1,4 +1,4 @@
-"""Which kernel runs a CUDA call, and why: torch_mha.explain().
+"""Which kernel runs a call, and why: torch_mha.explain() (CUDA) and torch_mha.explain_cpu().
 
 On a GPU, a call goes to PyTorch's fused tensor-core kernels (flash, memory-efficient, cuDNN)
 when one of them computes exactly what was asked (float16/bfloat16, no dropout, no weights, no
@@ -8,6 +8,11 @@ so it can be asked about anywhere, including on a machine without a GPU.
 
 Environment: TORCH_MHA_CUDA_BACKEND=own forces torch_mha's kernels; flash, efficient or cudnn
 put that kernel first where it can run; auto (or unset) chooses.
+
+On the CPU, bfloat16 and float16 forward tiles are multiplied either by torch_mha's float32 FMA
+register tiles or by PyTorch's exported batch-reduce GEMM (at::native::cpublas::brgemm, which
+reaches AMX and AVX512-BF16/FP16 through oneDNN and MKL); explain_cpu() says which, and why.
+TORCH_MHA_CPU_REDUCED_PRODUCTS=fma or brgemm forces one; auto (or unset) chooses.
 """
 
 import os
@@ -16,7 +21,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["BackendChoice", "explain"]
+__all__ = ["BackendChoice", "CpuProductsChoice", "explain", "explain_cpu"]
 
 
 class BackendChoice(NamedTuple):
@@ -77,3 +82,19 @@ def explain(
         os.environ.get("TORCH_MHA_CUDA_BACKEND", ""),
     )
     return BackendChoice(backend, dict(zip(candidates, reasons)), tuple(device_capability))
+
+
+class CpuProductsChoice(NamedTuple):
+    engine: str  # "brgemm" (cpublas::brgemm) or "fma" (torch_mha's float32 FMA tiles)
+    reason: str
+
+
+def explain_cpu(dtype: torch.dtype) -> CpuProductsChoice:
+    """How a CPU forward in this dtype multiplies its tiles on this machine, and why. The library
+    engine is chosen only for bfloat16 (float16) on CPUs with amx_bf16 or avx512_bf16 (amx_fp16
+    or avx512_fp16) while the kernels run their AVX512 build; it covers the blocks of more than
+    16 query rows (prefill, training). Honours TORCH_MHA_CPU_REDUCED_PRODUCTS like the call."""
+    engine, reason = torch.ops.torch_mha._explain_cpu_products(
+        dtype, os.environ.get("TORCH_MHA_CPU_REDUCED_PRODUCTS", ""), None
+    )
+    return CpuProductsChoice(engine, reason)

@@ -16,7 +16,7 @@ namespace torch_mha {
 namespace cpu {
 namespace {
 
-using ForwardKernel = void (*)(const AttentionParams&);
+using ForwardKernel = void (*)(const AttentionParams&, ReducedProducts);
 using BackwardKernel = void (*)(const AttentionBackwardParams&, const BackwardScratch&);
 
 struct KernelSet {
@@ -45,6 +45,16 @@ KernelSet select_kernels() {
 const KernelSet& kernels() {
   static const KernelSet selected = select_kernels();
   return selected;
+}
+
+// How this call multiplies bfloat16/float16 tiles (reduced_products.h); read per call, so that
+// TORCH_MHA_CPU_REDUCED_PRODUCTS can be changed between calls, as TORCH_MHA_CUDA_BACKEND can.
+ReducedProducts reduced_products_engine(c10::ScalarType dtype) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) {
+    return ReducedProducts::kFloatFma;
+  }
+  const bool avx512_build = std::string(kernels().isa) == "AVX512";
+  return choose_reduced_products(reduced_products_query(dtype, avx512_build)).engine;
 }
 
 // The kernels index rows with a unit-stride last dimension; anything else is copied once.
@@ -79,7 +89,7 @@ ForwardResult attention_forward_cpu(const AttentionForwardArgs& args) {
   kernel_args.value = with_dense_rows(args.value, several_query_blocks);
   std::vector<at::Tensor> keep_alive;
   const AttentionParams params = make_forward_params(kernel_args, outputs, keep_alive);
-  kernels().forward(params);
+  kernels().forward(params, reduced_products_engine(params.dtype));
   return {outputs.output, outputs.softmax_stats, outputs.weights};
 }
 

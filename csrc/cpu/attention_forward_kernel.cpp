@@ -17,6 +17,8 @@
 
 #include <ATen/Dispatch.h>
 
+#include <limits>
+
 #include "cpu/tile_helpers.h"
 
 namespace torch_mha::cpu::CPU_CAPABILITY {
@@ -82,10 +84,12 @@ class QueryBlockAccumulator {
   using Vec = at::vec::Vectorized<acc_t>;
   static constexpr int64_t kWidth = Vec::size();
 
-  QueryBlockAccumulator(const AttentionParams& p, const HeadChunks& chunks)
+  QueryBlockAccumulator(const AttentionParams& p, const HeadChunks& chunks,
+                        ReducedProducts reduced_products)
       : p_(p),
         transform_{p},
         dropout_(p),
+        brgemm_(brgemm_can_run(p, reduced_products)),
         stacked_(chunks.stacked),
         ld_(chunks.columns(kWidth)),
         tiles_(stacked_ ? 1 : chunks.heads_per_item),
@@ -111,8 +115,16 @@ class QueryBlockAccumulator {
     heads_ = heads;
     head_stride_ = stacked_ ? block.rows : ld_;
     const int64_t panel_rows = stacked_ ? block.rows : block.padded_rows;
+    // With brgemm: Q^T unscaled, in the input type, the B operand of the library's S^T = K Q^T.
+    scalar_t* qt_reduced =
+        uses_brgemm() ? scratch(qt_reduced_, heads * p_.head_dim * ld_) : nullptr;
     for (int64_t g = 0; g < heads; ++g) {
       const scalar_t* query = p_.query.row<const scalar_t>(seq.batch, first_head + g, block.q0);
+      if (qt_reduced != nullptr) {
+        pack_transposed(query, p_.query.stride_row, block.rows, p_.head_dim, scalar_t(1),
+                        qt_reduced + g * p_.head_dim * ld_, ld_, block.padded_rows);
+        continue;
+      }
       if (!stacked_ && block.rows == 1) {
         // One query of its own: scored by dot products (add_keys), as a row.
         pack_rows(query, p_.query.stride_row, 1, p_.head_dim, static_cast<acc_t>(p_.scale),
@@ -137,7 +149,14 @@ class QueryBlockAccumulator {
 
   // Folds keys [k0, k0 + cols) of key/value head kv_head into every head's state.
   void add_keys(int64_t kv_head, int64_t k0, int64_t cols) {
-    const scalar_t* keys = p_.key.row<const scalar_t>(seq_->batch, kv_head, k0);
+    const scalar_t* key_rows = p_.key.row<const scalar_t>(seq_->batch, kv_head, k0);
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // brgemm has no float64 form
+      if (uses_brgemm()) {
+        add_keys_brgemm(key_rows, p_.value.row<const scalar_t>(seq_->batch, kv_head, k0), k0, cols);
+        return;
+      }
+    }
+    const RowsOperand<acc_t> keys = key_operand(key_rows, cols);
     const RowsOperand<acc_t> values =
         rows_operand(p_.value.row<const scalar_t>(seq_->batch, kv_head, k0), p_.value.stride_row,
                      cols, p_.value_dim, v_buffer_);
@@ -158,16 +177,47 @@ class QueryBlockAccumulator {
   }
 
  private:
+  // The key rows of a tile as the A operand of S^T = K (scale Q)^T, or as rows of dot products
+  // for a lone query. block_matmul broadcasts one A element per register-tile row and step: a
+  // bfloat16 or half element would be converted there, once per column block, so reduced types
+  // are converted once per tile instead (the backward does the same).
+  RowsOperand<acc_t> key_operand(const scalar_t* rows, int64_t cols) {
+    if (!stacked_ && block_->rows == 1) {
+      return rows_operand(rows, p_.key.stride_row, cols, p_.head_dim, k_buffer_);
+    }
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return {rows, p_.key.stride_row};
+    } else {
+      acc_t* tile = scratch(k_buffer_, cols * p_.head_dim);
+      pack_rows(rows, p_.key.stride_row, cols, p_.head_dim, acc_t(1), tile, p_.head_dim);
+      return {tile, p_.head_dim};
+    }
+  }
+
+  // Whether cpublas::brgemm multiplies this call's tiles: asked for (reduced_products.h), a
+  // reduced input type, and rows the library reads as a plain matrix (a leading dimension of at
+  // least the row length and within int; broadcast rows of stride 0 are not).
+  static bool brgemm_can_run(const AttentionParams& p, ReducedProducts reduced_products) {
+    constexpr int64_t kMaxLd = std::numeric_limits<int32_t>::max();
+    return !std::is_same_v<scalar_t, acc_t> && reduced_products == ReducedProducts::kBrgemm &&
+           p.key.stride_row >= p.head_dim && p.key.stride_row <= kMaxLd &&
+           p.value.stride_row >= p.value_dim && p.value.stride_row <= kMaxLd;
+  }
+
+  // The library takes blocks with a tile per head (prefill, training); stacked heads and lone
+  // query rows keep the kernels' own layouts.
+  bool uses_brgemm() const { return brgemm_ && !stacked_ && block_->rows > 1; }
+
   int64_t stacked_columns() const { return round_up(heads_ * block_->rows, kWidth); }
 
   // Every head of the item in one tile: head g's scores are columns [g * rows, (g + 1) * rows).
-  void add_keys_stacked(const scalar_t* keys, const RowsOperand<acc_t>& values, int64_t k0,
-                        int64_t cols) {
+  void add_keys_stacked(const RowsOperand<acc_t>& keys, const RowsOperand<acc_t>& values,
+                        int64_t k0, int64_t cols) {
     const int64_t b = seq_->batch, q0 = block_->q0, rows = block_->rows;
     const int64_t columns = stacked_columns();
     acc_t* st = st_.data();
-    block_matmul<acc_t, scalar_t>(cols, columns, p_.head_dim, keys, p_.key.stride_row, 1,
-                                  qt_.data(), qt_ld_, st, ld_, /*accumulate=*/false);
+    block_matmul<acc_t, acc_t>(cols, columns, p_.head_dim, keys.data, keys.ld, 1, qt_.data(),
+                               qt_ld_, st, ld_, /*accumulate=*/false);
     transform_.apply_softcap(cols, columns, st, ld_, static_cast<acc_t*>(nullptr));
     for (int64_t g = 0; g < heads_; ++g) {
       transform_.apply_head_terms(*seq_, first_head_ + g, q0, rows, k0, cols, st + g * rows, ld_);
@@ -181,11 +231,9 @@ class QueryBlockAccumulator {
 
   // One query per head, heads in turn: the scores as a row (ld 1), which the softcap sees as
   // one row of whole vectors.
-  void add_keys_single_query(const scalar_t* keys, const RowsOperand<acc_t>& values, int64_t k0,
-                             int64_t cols) {
+  void add_keys_single_query(const RowsOperand<acc_t>& key_rows, const RowsOperand<acc_t>& values,
+                             int64_t k0, int64_t cols) {
     const int64_t b = seq_->batch, q0 = block_->q0;
-    const RowsOperand<acc_t> key_rows =
-        rows_operand(keys, p_.key.stride_row, cols, p_.head_dim, k_buffer_);
     acc_t* scores = st_.data();
     for (int64_t g = 0; g < heads_; ++g) {
       const int64_t h = first_head_ + g;
@@ -203,15 +251,15 @@ class QueryBlockAccumulator {
 
   // Each head on its own tile of the block's rows, heads in turn (they share the key and value
   // tiles while those are in cache).
-  void add_keys_per_head(const scalar_t* keys, const RowsOperand<acc_t>& values, int64_t k0,
-                         int64_t cols) {
+  void add_keys_per_head(const RowsOperand<acc_t>& keys, const RowsOperand<acc_t>& values,
+                         int64_t k0, int64_t cols) {
     const int64_t b = seq_->batch, q0 = block_->q0, rows = block_->rows;
     acc_t* st = st_.data();
     for (int64_t g = 0; g < heads_; ++g) {
       const int64_t h = first_head_ + g;
-      block_matmul<acc_t, scalar_t>(cols, block_->padded_rows, p_.head_dim, keys, p_.key.stride_row,
-                                    1, qt_.data() + g * p_.head_dim * qt_ld_, qt_ld_, st, ld_,
-                                    /*accumulate=*/false);
+      block_matmul<acc_t, acc_t>(cols, block_->padded_rows, p_.head_dim, keys.data, keys.ld, 1,
+                                 qt_.data() + g * p_.head_dim * qt_ld_, qt_ld_, st, ld_,
+                                 /*accumulate=*/false);
       transform_.apply(*seq_, h, q0, rows, block_->padded_rows, k0, cols, st, ld_,
                        static_cast<acc_t*>(nullptr));
       if (dropout_.enabled) {
@@ -222,11 +270,53 @@ class QueryBlockAccumulator {
     }
   }
 
+  // add_keys_per_head with both products in cpublas::brgemm on the input type, float32
+  // accumulation: S^T = K Q^T from the key rows in place, scaled afterwards in float32, and
+  // O += P V from the value rows in place, P rounded to the input type (as PyTorch's kernel does).
+  void add_keys_brgemm(const scalar_t* keys, const scalar_t* values, int64_t k0, int64_t cols) {
+    const int64_t b = seq_->batch, q0 = block_->q0, rows = block_->rows;
+    const int64_t padded_rows = block_->padded_rows;
+    acc_t* st = st_.data();
+    scalar_t* probs = scratch(p_reduced_, kBlockQ * kBlockK);  // P, rows kBlockK apart
+    const Vec scale(static_cast<acc_t>(p_.scale));
+    for (int64_t g = 0; g < heads_; ++g) {
+      const int64_t h = first_head_ + g;
+      reduced_matmul(cols, padded_rows, p_.head_dim, keys, p_.key.stride_row,
+                     qt_reduced_.data() + g * p_.head_dim * ld_, ld_, st, ld_,
+                     /*accumulate=*/false);
+      for (int64_t j = 0; j < cols; ++j) {
+        at::vec::map([scale](Vec x) { return x * scale; }, st + j * ld_, st + j * ld_, padded_rows);
+      }
+      transform_.apply(*seq_, h, q0, rows, padded_rows, k0, cols, st, ld_,
+                       static_cast<acc_t*>(nullptr));
+      if (dropout_.enabled) {
+        dropout_.tile_factors(b, h, q0, rows, k0, cols, factors_.data(), ld_);
+      }
+      acc_t* acc = acc_.data() + g * ld_ * value_dim_padded_;
+      online_softmax(rows, padded_rows, cols, m_.data() + g * ld_, l_.data() + g * ld_, acc);
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < cols; ++j) {
+          probs[i * kBlockK + j] = static_cast<scalar_t>(st[j * ld_ + i]);
+        }
+      }
+      reduced_matmul(rows, p_.value_dim, cols, probs, kBlockK, values, p_.value.stride_row, acc,
+                     value_dim_padded_, /*accumulate=*/true);
+    }
+  }
+
   // One key block of the online softmax for the score tile in st_ (`columns` queries, the
   // first `used` of them real): running max m, sum l, and acc += P V, element-wise over the
   // queries.
   void softmax_and_accumulate(int64_t used, int64_t columns, int64_t cols,
                               const RowsOperand<acc_t>& values, acc_t* m, acc_t* l, acc_t* acc) {
+    online_softmax(used, columns, cols, m, l, acc);
+    block_matmul<acc_t, acc_t>(used, value_dim_padded_, cols, st_.data(), 1, ld_, values.data,
+                               values.ld, acc, value_dim_padded_, /*accumulate=*/true);
+  }
+
+  // The online softmax of softmax_and_accumulate: st_ becomes P^T (dropped out where dropout is
+  // on), m and l are updated and acc rescaled to the new maximum; P V is left to the caller.
+  void online_softmax(int64_t used, int64_t columns, int64_t cols, acc_t* m, acc_t* l, acc_t* acc) {
     acc_t* st = st_.data();
     for (int64_t i = 0; i < columns; i += kWidth) {
       Vec mx(negative_infinity<acc_t>());
@@ -261,8 +351,6 @@ class QueryBlockAccumulator {
       // The running sum above uses the undropped probabilities; only P V sees the mask.
       multiply_tiles(st, factors_.data(), st, cols, columns, ld_);
     }
-    block_matmul<acc_t, acc_t>(used, value_dim_padded_, cols, st, 1, ld_, values.data, values.ld,
-                               acc, value_dim_padded_, /*accumulate=*/true);
   }
 
   // The same for a single query whose scores st_ holds as a row: max, exponentials and sum
@@ -292,6 +380,7 @@ class QueryBlockAccumulator {
   const AttentionParams& p_;
   const ScoreTransform transform_;
   const DropoutConfig dropout_;
+  const bool brgemm_;  // reduced-type tiles multiplied by cpublas::brgemm where the layout allows
   const bool stacked_;
   const int64_t ld_;     // leading dimension of every transposed tile: the item's columns
   const int64_t tiles_;  // score tiles per item: one per head, or one for stacked heads
@@ -303,6 +392,7 @@ class QueryBlockAccumulator {
   // Per query: the block's max, exp offset, rescale factor, column sum.
   UninitializedBuffer<acc_t> block_max_, offset_, rescale_, block_sum_;
   std::vector<acc_t> k_buffer_, v_buffer_;
+  std::vector<scalar_t> qt_reduced_, p_reduced_;  // Q^T and P in the input type, for brgemm
   const Sequence* seq_ = nullptr;
   const QueryBlock* block_ = nullptr;
   int64_t first_head_ = 0;
@@ -329,7 +419,7 @@ void finish_row(const AttentionParams& p, int64_t b, int64_t h, int64_t i, acc_t
 // Work items (batch, key/value head, head chunk, query block), each over every key its block
 // may see.
 template <typename scalar_t>
-void attention_forward_typed(const AttentionParams& p) {
+void attention_forward_typed(const AttentionParams& p, ReducedProducts reduced_products) {
   constexpr int64_t kWidth = vector_width<at::opmath_type<scalar_t>>();
   const int64_t query_blocks = (p.query_len + kBlockQ - 1) / kBlockQ;
   const HeadChunks chunks(p);
@@ -338,7 +428,7 @@ void attention_forward_typed(const AttentionParams& p) {
       chunks.columns_per_item(kWidth) * p.key_len * (p.head_dim + p.value_dim);
 
   parallel_over_items(items, work_per_item, [&](const auto& claim) {
-    QueryBlockAccumulator<scalar_t> state(p, chunks);
+    QueryBlockAccumulator<scalar_t> state(p, chunks, reduced_products);
     for (int64_t item = claim(); item < items; item = claim()) {
       const int64_t qb = item % query_blocks;
       const int64_t head_chunk = (item / query_blocks) % chunks.count;
@@ -381,7 +471,8 @@ int64_t key_splits(const AttentionParams& p, int64_t head_chunks) {
 // output; then every query row combines its ranges in order, as the online softmax would have
 // met them.
 template <typename scalar_t>
-void attention_forward_split_typed(const AttentionParams& p, int64_t splits) {
+void attention_forward_split_typed(const AttentionParams& p, int64_t splits,
+                                   ReducedProducts reduced_products) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kWidth = vector_width<acc_t>();
   const HeadChunks chunks(p);
@@ -399,7 +490,7 @@ void attention_forward_split_typed(const AttentionParams& p, int64_t splits) {
   const int64_t work_per_item =
       chunks.columns_per_item(kWidth) * (p.key_len / splits) * (p.head_dim + p.value_dim);
   parallel_over_items(items, work_per_item, [&](const auto& claim) {
-    QueryBlockAccumulator<scalar_t> state(p, chunks);
+    QueryBlockAccumulator<scalar_t> state(p, chunks, reduced_products);
     for (int64_t item = claim(); item < items; item = claim()) {
       const int64_t split = item % splits;
       const int64_t head_chunk = (item / splits) % chunks.count;
@@ -546,14 +637,14 @@ void attention_weights_typed(const AttentionParams& p) {
 
 }  // namespace
 
-void attention_forward_kernel(const AttentionParams& params) {
+void attention_forward_kernel(const AttentionParams& params, ReducedProducts reduced_products) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, params.dtype, "attention_forward_cpu", [&] {
         const int64_t splits = key_splits(params, HeadChunks(params).count);
         if (splits > 1) {
-          attention_forward_split_typed<scalar_t>(params, splits);
+          attention_forward_split_typed<scalar_t>(params, splits, reduced_products);
         } else {
-          attention_forward_typed<scalar_t>(params);
+          attention_forward_typed<scalar_t>(params, reduced_products);
         }
         if (params.weights != nullptr) {
           attention_weights_typed<scalar_t>(params);

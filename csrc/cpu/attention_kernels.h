@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "attention_params.h"
+#include "cpu/reduced_products.h"
 
 namespace torch_mha::cpu {
 
@@ -52,11 +53,11 @@ int64_t backward_dq_chunks(int64_t batch_kv_heads, int64_t key_len);
 // dQ partial rows are padded to this many elements (a whole number of vectors on every ISA).
 int64_t backward_dq_row_stride(int64_t head_dim);
 
-#define TORCH_MHA_DECLARE_CPU_KERNELS(isa)                              \
-  namespace isa {                                                       \
-  void attention_forward_kernel(const AttentionParams& params);         \
-  void attention_backward_kernel(const AttentionBackwardParams& params, \
-                                 const BackwardScratch& scratch);       \
+#define TORCH_MHA_DECLARE_CPU_KERNELS(isa)                                                        \
+  namespace isa {                                                                                 \
+  void attention_forward_kernel(const AttentionParams& params, ReducedProducts reduced_products); \
+  void attention_backward_kernel(const AttentionBackwardParams& params,                           \
+                                 const BackwardScratch& scratch);                                 \
   }
 
 TORCH_MHA_DECLARE_CPU_KERNELS(DEFAULT)
