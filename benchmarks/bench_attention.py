@@ -8,6 +8,8 @@ peak memory and the issue's targets:
   F.scaled_dot_product_attention, PyTorch's CPU flash kernel); same weights, batch_first=True;
 * the core: torch_mha.attention vs F.scaled_dot_product_attention on the same (N, H, L, D) tensors;
 * a small inference call (L=32, B=8, E=256, 8 heads) against nn's native fast path;
+* on request (--groups layer_autocast, issue 16): the layer training step of float32 modules
+  under torch.autocast bfloat16, torch_mha vs nn.MultiheadAttention(need_weights=False);
 * the variants of issue 14 at fixed shapes: a sliding window (vs full causal and vs SDPA with
   the same mask), grouped-query heads (vs SDPA with enable_gqa=True and with K/V repeated) and
   a packed varlen batch (vs the same batch padded with a key padding mask);

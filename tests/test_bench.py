@@ -540,3 +540,137 @@ def test_issue16_layer_memory_target() -> None:
     # Without the L=8192 point, not measured.
     data = {"memory": memory[2:], "memory_scan_keys": [m["workload_key"] for m in memory]}
     assert targets.layer_memory_target(data)["status"] == "not measured"
+
+
+def _layer_autocast_cases(speedup: float):
+    """layer_autocast case records at L 1024-4096, D 64 and 128, as issue 16's command plans
+    them (bfloat16 only), with torch_mha `speedup` times faster than nn(need_weights=False) in
+    every phase; read back from JSON."""
+    cli, runner, _, _, workloads = _bench_modules()
+    args = cli.parse_args(
+        ["--groups", "layer_autocast", "--dtypes", "float32,bfloat16", "--head-dims", "64,128"]
+        + ["--lengths", "1024,2048,4096", "--threads", "2", "--modes", "train"]
+    )
+    sweep, fixed = workloads.plan_workloads(args)
+    assert not fixed and {w.dtype for w in sweep} == {"bfloat16"}  # not at float32
+    cases = []
+    for w in sweep:
+        result = {
+            c: {"phases": {p: {"median_s": t} for p in ("fwd", "bwd", "fwdbwd")}}
+            for c, t in (("ours_nw", 1.0), ("nn_nw", speedup))
+        }
+        cases.append(json.loads(json.dumps(runner.case_record(w, "train", result, []))))
+    return cases
+
+
+@pytest.mark.parametrize(
+    "flags", [["avx2", "fma"], ["avx2", "avx512f", "avx512_bf16"], ["avx2", "amx_bf16"]]
+)
+@pytest.mark.parametrize("speedup", [0.9, 1.1, 1.4])
+def test_issue16_layer_autocast_target_depends_on_the_machine(flags, speedup) -> None:
+    """The layer training step under autocast vs nn(need_weights=False): >= 1.0x without
+    bfloat16 instructions, >= 1.3x with AMX or AVX512-BF16; bfloat16 only, every planned case
+    (D 64 and 128, L 1024-4096, causal or not) counts and the worst decides."""
+    _, _, _, targets, workloads = _bench_modules()
+    sys.path.insert(0, BENCH_DIR)
+    try:
+        from attention_bench.report import describe_target, targets_text
+    finally:
+        sys.path.remove(BENCH_DIR)
+
+    spec = workloads.GROUPS["layer_autocast"]
+    assert spec.presets == () and spec.dtypes == ("bfloat16",)  # run only when asked
+    cases = _layer_autocast_cases(speedup)
+    assert {dict(c["options"])["autocast"] for c in cases} == {True}
+    assert {(c["heads"], c["batch"] * c["length"]) for c in cases} == {(8, 4096)}
+    data = {"cases": cases, "memory": [], "memory_scan_keys": [], "metadata": {"cpu_flags": flags}}
+    (found,) = targets.evaluate_targets(data, [spec])
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert found["target"].startswith("bfloat16: ") and "autocast" in found["target"]
+    assert "issue 16" in found["target"] and "need_weights=False" in found["target"]
+    assert found["threshold"] == (1.3 if native else 1.0)
+    assert found["status"] == ("PASS" if speedup >= found["threshold"] else "MISS")
+    assert found["worst"] == pytest.approx(speedup)
+    assert len(found["cases"]) == len(cases) == 12  # 2 head dims x 2 causal x 3 lengths
+    assert {(c["head_dim"], c["length"]) for c in found["cases"]} == {
+        (d, n) for d in (64, 128) for n in (1024, 2048, 4096)
+    }
+    # Reported like the other targets: verdict, threshold, worst case and the per-row ratios.
+    text = targets_text({"targets": [found]})
+    assert f"{found['status']:>12}  bfloat16: layer training step" in text
+    assert f"(>= {found['threshold']}x)" in text
+    row = describe_target(found)
+    assert row.startswith(f"worst {speedup:.2f}x (") and f"{speedup:.2f}x@1024/D128/causal" in row
+    # One slow row is a MISS even when the others pass.
+    cases[-1]["speedups"]["need_weights=False"]["fwdbwd"] = 0.5
+    (found,) = targets.evaluate_targets(data, [spec])
+    assert found["status"] == "MISS" and found["worst"] == pytest.approx(0.5)
+
+
+def test_bench_attention_layer_autocast_tiny(tmp_path) -> None:
+    """A tiny run of --groups layer_autocast: both contenders timed at bfloat16 with the
+    autocast option, its target evaluated ("not measured": L=64, 1 thread); then the two
+    modules of its bench under autocast give the same output and gradients."""
+    out = tmp_path / "out"
+    results = tmp_path / "report" / "RESULTS.md"
+    plot = tmp_path / "report" / "results.png"
+    args = [
+        "--groups", "layer_autocast",
+        "--lengths", "64",
+        "--tokens", "64",
+        "--dtypes", "bfloat16",
+        "--head-dims", "64",
+        "--causal", "off",
+        "--threads", "1",
+        "--repeats", "1",
+        "--warmup", "0",
+        "--mm-size", "128",
+        "--no-progress",
+        "--out", str(out),
+        "--results", str(results),
+        "--plot", str(plot),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Layer under autocast (float32 modules, bfloat16 compute), training step" in proc.stdout
+
+    data = json.loads((out / "bench_attention.json").read_text())
+    (case,) = data["cases"]
+    assert (case["group"], case["dtype"], case["mode"]) == ("layer_autocast", "bfloat16", "train")
+    assert dict(case["options"]) == {"autocast": True}
+    assert (case["length"], case["batch"], case["head_dim"], case["heads"]) == (64, 1, 64, 8)
+    assert set(case["contenders"]) == {"nn_nw", "ours_nw"}
+    for result in case["contenders"].values():
+        assert result["rounds"] == 1 and set(result["phases"]) == {"fwd", "bwd", "fwdbwd"}
+        assert all(p["median_s"] > 0 for p in result["phases"].values())
+    assert set(case["speedups"]) == {"need_weights=False"}
+    assert {m["contender"] for m in data["memory"]} == {"nn_nw", "ours_nw"}
+    assert all("error" not in m and m["aten_peak_bytes"] > 0 for m in data["memory"])
+    (target,) = data["targets"]
+    assert target["target"].startswith("bfloat16: ") and "issue 16" in target["target"]
+    assert target["status"] == "not measured"
+    md = results.read_text()
+    assert "### Layer under autocast" in md and "autocast=True" in md
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the group has its panels
+
+    # The bench's own calls: float32 modules, bfloat16 output, torch_mha matches nn.
+    _, _, _, _, workloads = _bench_modules()
+    for causal in (False, True):
+        w = workloads.Workload(
+            "layer_autocast", "bfloat16", 8 * 16, 8, 48, 2, causal, 1, (("autocast", True),)
+        )
+        bench = workloads.LayerBench(w)
+        assert bench.x.dtype == torch.float32 and bench.grad_out.dtype == torch.bfloat16
+        outputs, grads = {}, {}
+        for contender in w.contenders:
+            module = bench.module(contender)
+            assert {p.dtype for p in module.parameters()} == {torch.float32}
+            out_, weights = bench.forward(contender)()
+            assert weights is None and out_.dtype == torch.bfloat16, contender
+            outputs[contender] = out_
+            grads[contender] = torch.autograd.grad(out_, bench.x, bench.grad_out)[0]
+            assert grads[contender].dtype == torch.float32
+        torch.testing.assert_close(outputs["ours_nw"], outputs["nn_nw"], atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(grads["ours_nw"], grads["nn_nw"], atol=2e-2, rtol=2e-2)

@@ -55,6 +55,16 @@ length-sweep group writes its JSON and RESULTS.md under benchmarks/out/variants/
 --results say otherwise, never over benchmarks/RESULTS.md (the main run's). The plot stays
 with the length sweeps.
 
+"layer_autocast" (issue 16) is a length sweep in no preset: the layer training step of float32
+torch_mha.MultiheadAttention and nn.MultiheadAttention(need_weights=False), same weights, the
+forward under torch.autocast("cpu", dtype=torch.bfloat16), at bfloat16 only (its
+`GroupSpec.dtypes`); the target is >= 1.0x, >= 1.3x on CPUs with AMX or AVX512-BF16. Issue 16's
+measurement with it:
+
+    python benchmarks/bench_attention.py --groups core,layer,layer_autocast \
+        --dtypes float32,bfloat16 --head-dims 64,128 --lengths 1024,2048,4096 --threads 2 \
+        --modes train --memory-scan linear --memory-lengths 4096,8192
+
 The serving groups (issue 15) live in `serving.py`, inference at fixed shapes, 2 threads:
 
 * "decode": one decode step, H=32 on Hkv=8, D=128, cache 1024, 4096 and 16384 keys, batch 1

@@ -131,7 +131,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "variant groups of issue 14, --serving to the serving groups of issue 15. Explicit "
         "options override any preset. The variant and serving groups run on their own with, "
         "e.g., --groups window,gqa,varlen (or --variants), --groups decode,generate,prefill (or "
-        "--serving).",
+        "--serving). layer_autocast (issue 16: float32 modules under autocast bfloat16) is in "
+        "no preset either: add it to --groups, with bfloat16 in --dtypes.",
     )
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="a subset: " + _preset_help("quick"))
@@ -293,6 +294,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if g not in GROUPS:
             names = list(GROUPS)
             p.error(f"unknown group {g!r}: {', '.join(names[:-1])} or {names[-1]}")
+        only = GROUPS[g].dtypes
+        if only is not None and not any(d in args.dtypes for d in only):
+            # It would plan nothing: say so instead of reporting its targets "not measured".
+            p.error(f"group {g!r} runs at {', '.join(only)} only: add it to --dtypes")
     sweep = any(GROUPS[g].sweep for g in args.groups)
     # A run without a sweep group writes under out/serving (only serving groups) or
     # out/variants, never over the main run's files.

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import MIB
 from .targets import memory_scan_series, plot_targets
-from .workloads import GROUPS, PHASE_NAMES, SHORT
+from .workloads import GROUPS, LABELS, PHASE_NAMES, SHORT
 
 
 def make_plot(data: Dict[str, Any], path: str) -> Optional[str]:
@@ -31,6 +31,12 @@ def make_plot(data: Dict[str, Any], path: str) -> Optional[str]:
     for phase in ("fwdbwd", "fwd", "bwd"):
         for _, _, label in GROUPS["core"].pairs:
             panels.append(("core", phase, label, f"core {PHASE_NAMES[phase]}\nvs {label}"))
+    for spec in GROUPS.values():  # the other length-sweep groups (layer_autocast)
+        if spec.sweep and spec.name not in ("layer", "core"):
+            for phase in ("fwdbwd", "fwd", "bwd", "infer"):
+                for anchor, _, label in spec.pairs:
+                    title = f"{spec.name} {PHASE_NAMES[phase]}\nvs {LABELS[anchor]}"
+                    panels.append((spec.name, phase, label, title))
     targets = plot_targets(GROUPS.values())
     mem_series = [
         (spec.name, contender)

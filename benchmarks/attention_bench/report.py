@@ -37,6 +37,11 @@ METHOD = """\
 * **Causal.** Layer: `attn_mask` = the bool upper-triangular mask with `is_causal=True` on both
   sides (nn needs the mask; with need_weights=False it passes is_causal to SDPA). Core:
   `is_causal=True` on both.
+* **Autocast** (layer_autocast; issue 16): the layer's need_weights=False pair in float32 (same
+  weights, float32 input), the forward of the training step under `torch.autocast("cpu",
+  dtype=torch.bfloat16)` (the casts of weights and input are in its time), the backward outside
+  it (as autocast's docs prescribe), with a bfloat16 `grad_out`. Its rows read dtype bfloat16,
+  option `autocast=True`; it runs at bfloat16 only.
 * **FLOPs.** Forward `4*N*H*L*S*D`, backward 2.5x, fwd+bwd 3.5x, halved when causal (FA2's
   convention). For the layer the same **attention-only** count is used (the in/out projections'
   `8*N*L*E^2` forward FLOPs are not counted), so layer GFLOP/s understate the work done.

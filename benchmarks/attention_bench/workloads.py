@@ -18,7 +18,12 @@ the end of this file. Its spec holds everything the rest of the suite needs to k
 * optional: `estimate_bytes` (for the --memory-budget-gib skip rule), `flops` (GFLOP/s and the
   ETA), `projections` (layer-level work for the ETA), `memory_table` (a peak-memory table in
   the report), `scan` (contenders of the batch-1 memory scan), `presets`, `cli_help`, `note`
-  (printed under the group's tables), `max_repeats` (a cap on --repeats for a slow group).
+  (printed under the group's tables), `max_repeats` (a cap on --repeats for a slow group),
+  `dtypes` (the only dtypes of --dtypes it runs at).
+
+"layer_autocast" (issue 16) is the layer group's need_weights=False pair again, as a mixed
+precision training step: float32 modules and input, the forward under torch.autocast("cpu",
+dtype=torch.bfloat16). It runs at bfloat16 only and is in no preset: --groups names it.
 
 The variant groups (issue 14) are fixed-shape: "window" (a causal sliding window vs full causal
 and vs SDPA with the same mask), "gqa" (grouped-query heads vs SDPA with enable_gqa=True and
@@ -198,6 +203,9 @@ class GroupSpec:
     # Whether the memory worker measures its calls (off for whole-model calls such as
     # generate(), where the profiler's per-op bookkeeping costs more than the call).
     memory: bool = True
+    # The dtypes of --dtypes it runs at (None: all). An autocast group has one compute dtype;
+    # a plan at another would time the same float32 modules under a second label.
+    dtypes: Optional[Tuple[str, ...]] = None
 
     def repeats(self, cli: int) -> int:
         """The measured rounds per case, given --repeats."""
@@ -208,6 +216,10 @@ class GroupSpec:
         if not self.cli_modes:
             return list(self.modes)
         return [m for m in cli if m in self.modes]
+
+    def runs_at(self, dtype: str) -> bool:
+        """Whether it runs at `dtype`, one of --dtypes."""
+        return self.dtypes is None or dtype in self.dtypes
 
     def scan_contenders(self, which: str) -> Tuple[str, ...]:
         assert self.scan is not None
@@ -237,7 +249,7 @@ def plan_workloads(args: argparse.Namespace) -> Tuple[List[Workload], List[Workl
         for threads in args.threads:
             for dtype in args.dtypes:
                 for spec in GROUPS.values():
-                    if spec.sweep == sweep and spec.name in args.groups:
+                    if spec.sweep == sweep and spec.name in args.groups and spec.runs_at(dtype):
                         out[index].extend(spec.plan(args, threads, dtype))
     return out
 
@@ -302,30 +314,57 @@ def mode_callables(
 
 
 class LayerBench:
-    """nn.MultiheadAttention and torch_mha.MultiheadAttention with the same weights."""
+    """nn.MultiheadAttention and torch_mha.MultiheadAttention with the same weights.
+
+    With the workload option ("autocast", True) (the layer_autocast group) the modules and the
+    input are float32 and the forward runs under torch.autocast("cpu", dtype=w.dtype): mixed
+    precision training as a model does it, so the casts of the weights and of the input are
+    part of the timed call. The backward runs outside autocast, as torch.autocast's docs
+    prescribe (its ops run in the dtypes the forward chose); grad_out has the output's dtype,
+    w.dtype, either way. Without the option no autocast context is entered at all, so the
+    layer and small groups time the bare calls.
+    """
 
     def __init__(self, w: Workload) -> None:
         torch.manual_seed(0)
-        dtype = DTYPES[w.dtype]
+        self.autocast: Optional[torch.dtype] = DTYPES[w.dtype] if w.option("autocast") else None
+        dtype = DTYPES[w.dtype] if self.autocast is None else torch.float32
         kw = dict(dropout=0.0, batch_first=True, dtype=dtype)
         self.nn = nn.MultiheadAttention(w.embed, w.heads, **kw)
         self.ours = torch_mha.MultiheadAttention(w.embed, w.heads, **kw)
         self.ours.load_state_dict(self.nn.state_dict())
         self.x = torch.randn(w.batch, w.length, w.embed, dtype=dtype, requires_grad=True)
-        self.grad_out = torch.randn(w.batch, w.length, w.embed, dtype=dtype)
+        self.grad_out = torch.randn(w.batch, w.length, w.embed, dtype=DTYPES[w.dtype])
         self.mask = causal_mask(w.length) if w.causal else None
         self.causal = w.causal
 
+    def module(self, contender: str) -> nn.Module:
+        return self.nn if contender.startswith("nn") else self.ours
+
+    def forward(self, contender: str) -> Callable[[], Tuple[Tensor, Optional[Tensor]]]:
+        """One call of the contender's module on x (self-attention), under autocast when the
+        workload asks for it."""
+        module, need_weights = self.module(contender), contender.endswith("_w")
+        x, mask, causal, autocast = self.x, self.mask, self.causal, self.autocast
+        if autocast is None:
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                return module(x, x, x, need_weights=need_weights, attn_mask=mask, is_causal=causal)
+
+        else:
+
+            def forward() -> Tuple[Tensor, Optional[Tensor]]:
+                with torch.autocast("cpu", dtype=autocast):
+                    return module(
+                        x, x, x, need_weights=need_weights, attn_mask=mask, is_causal=causal
+                    )
+
+        return forward
+
     def callables(self, contender: str, mode: str) -> Tuple[Setup, Fn]:
-        module = self.nn if contender.startswith("nn") else self.ours
-        need_weights = contender.endswith("_w")
-        x, g, mask, causal = self.x, self.grad_out, self.mask, self.causal
-        leaves = [x] + list(module.parameters())
-
-        def forward() -> Tuple[Tensor, Optional[Tensor]]:
-            return module(x, x, x, need_weights=need_weights, attn_mask=mask, is_causal=causal)
-
-        return mode_callables(module, leaves, forward, g, mode)
+        module = self.module(contender)
+        leaves = [self.x] + list(module.parameters())
+        return mode_callables(module, leaves, self.forward(contender), self.grad_out, mode)
 
 
 class CoreBench:
@@ -543,8 +582,11 @@ class VarlenBench:
 # Planners
 
 
-def plan_sweep(group: str) -> Callable[[argparse.Namespace, int, str], List[Workload]]:
-    """--head-dims x --causal x --lengths at batch = max(1, --tokens // length), --heads heads."""
+def plan_sweep(
+    group: str, options: Tuple[Option, ...] = ()
+) -> Callable[[argparse.Namespace, int, str], List[Workload]]:
+    """--head-dims x --causal x --lengths at batch = max(1, --tokens // length), --heads heads;
+    every workload with `options`."""
 
     def plan(args: argparse.Namespace, threads: int, dtype: str) -> List[Workload]:
         return [
@@ -557,6 +599,7 @@ def plan_sweep(group: str) -> Callable[[argparse.Namespace, int, str], List[Work
                 max(1, args.tokens // length),
                 causal,
                 threads,
+                options,
             )
             for head_dim in args.head_dims
             for causal in args.causal
@@ -685,6 +728,52 @@ register(
                 "fwdbwd",
                 "need_weights=False",
                 1.3,
+            ),
+        ),
+    )
+)
+
+# Issue 16: the layer's need_weights=False training step as mixed precision training runs it:
+# float32 modules (the same weights) and input, the forward under torch.autocast("cpu",
+# dtype=torch.bfloat16) (LayerBench's "autocast" option). It runs at bfloat16 only (the
+# autocast dtype is the workload's dtype) and in no preset: --groups layer_autocast.
+register(
+    GroupSpec(
+        name="layer_autocast",
+        title="Layer under autocast (float32 modules, bfloat16 compute)",
+        contenders=("nn_nw", "ours_nw"),
+        labels={c: LAYER_LABELS[c] for c in ("nn_nw", "ours_nw")},
+        short={c: LAYER_SHORT[c] for c in ("nn_nw", "ours_nw")},
+        pairs=(LAYER_PAIRS[1],),
+        bench=LayerBench,
+        plan=plan_sweep("layer_autocast", (("autocast", True),)),
+        modes=("train",),
+        sweep=True,
+        cli_help="layer_autocast (the layer training step of float32 modules under "
+        "torch.autocast bfloat16 vs nn need_weights=False; runs at bfloat16 only, in no preset)",
+        presets=(),
+        projections=True,
+        memory_table=True,
+        warm_modes=("train",),
+        dtypes=("bfloat16",),
+        note=(
+            "torch_mha.MultiheadAttention and nn.MultiheadAttention(need_weights=False) in "
+            "float32 with the same weights, on a float32 input; the training step's forward runs "
+            'under torch.autocast("cpu", dtype=torch.bfloat16) (the casts of weights and input '
+            "are timed), its backward outside it, as autocast's docs prescribe; grad_out is "
+            "bfloat16, the output's dtype, and the gradients are float32, the parameters'. "
+            "GFLOP/s count attention FLOPs only (projections excluded)."
+        ),
+        targets=(
+            RatioTarget(
+                "layer training step (fwd+bwd), float32 layer under autocast, vs nn "
+                "need_weights=False (issue 16: >= 1.3x with AMX or AVX512-BF16, >= 1.0x "
+                "without), " + L_1024_4096,
+                "fwdbwd",
+                "need_weights=False",
+                1.0,
+                dtypes=("bfloat16",),
+                native_bf16_threshold=1.3,
             ),
         ),
     )
