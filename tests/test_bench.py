@@ -674,3 +674,31 @@ def test_bench_attention_layer_autocast_tiny(tmp_path) -> None:
             assert grads[contender].dtype == torch.float32
         torch.testing.assert_close(outputs["ours_nw"], outputs["nn_nw"], atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(grads["ours_nw"], grads["nn_nw"], atol=2e-2, rtol=2e-2)
+
+
+def test_kernel_ab_times_both_passes_of_each_case() -> None:
+    """benchmarks/kernel_ab.py: one line naming the build that ran, with a forward and a
+    backward time for every dtype and head dim asked for."""
+    script = os.path.join(BENCH_DIR, "kernel_ab.py")
+    out = subprocess.run(
+        [sys.executable, script, "--length", "80", "--rounds", "2", "--head-dims", "8,16"]
+        + ["--reduced-products", "fma"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.strip()
+    build, cells = out.split(": ", 1)
+    build, engine = build.split(" (bfloat16 products ")
+    assert os.path.isfile(os.path.join(build, "torch_mha", "__init__.py"))
+    assert engine == "fma)"  # forced by --reduced-products
+    cells = cells.split(" | ")
+    assert [c.split(" fwd ")[0] for c in cells] == [
+        "D=8 float32",
+        "D=8 bfloat16",
+        "D=16 float32",
+        "D=16 bfloat16",
+    ]
+    for cell in cells:
+        forward, backward = cell.split(" fwd ")[1].split(" bwd ")
+        assert float(forward) >= 0 and float(backward) >= 0
