@@ -75,7 +75,9 @@ def main() -> None:
             )
             cells.append(f"D={head_dim} {name} fwd {forward:.1f} bwd {backward:.1f}")
     build = os.path.dirname(os.path.dirname(os.path.abspath(torch_mha.__file__)))
-    engine = torch_mha.explain_cpu(torch.bfloat16).engine
+    # Builds from before the engine choice existed have only the FMA tiles.
+    explain_cpu = getattr(torch_mha, "explain_cpu", None)
+    engine = explain_cpu(torch.bfloat16).engine if explain_cpu is not None else "fma"
     print(f"{build} (bfloat16 products {engine}): " + " | ".join(cells))
 
 
